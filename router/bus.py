@@ -1,0 +1,304 @@
+"""The event bus: Kafka through aiokafka's idempotent producer, and an in-memory bus for unit tests.
+
+``publish()`` returns only when Kafka has acknowledged every record of the call (acks=all,
+idempotent producer) and raises :class:`PublishError` otherwise, always within
+``kafka.produce_timeout_ms``: aiokafka's idempotent producer never expires a batch on its own
+(aio-libs/aiokafka#1101), so every wait here is bounded by ``asyncio.wait_for``.
+
+A timed-out publish may still land later (cancelling the wait does not cancel the send); that is
+a duplicate with the same event id, never a loss, and consumers tolerate it.
+
+Records of a multi-event request are grouped into one record batch per partition, built by us
+(``create_batch``/``send_batch``) rather than through ``send()`` per record, which costs several
+microseconds of Python per event. Partitions are chosen with Kafka's default murmur2 partitioner,
+so a key lands where the Java client (or any other) would put it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+
+from router.events import Event, encode_event
+from router.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+# Kafka protocol error code for "topic already exists" (CreateTopics response).
+_TOPIC_ALREADY_EXISTS = 36
+_KEY_CACHE_LIMIT = 65_536
+
+
+class PublishError(Exception):
+    """Kafka did not acknowledge every record in time; nothing may be reported as accepted."""
+
+
+class RecordTooLarge(PublishError):
+    """One event is larger than the topic accepts."""
+
+
+class EventBus(Protocol):
+    async def publish(self, events: Sequence[Event]) -> None: ...
+
+    async def ready(self) -> tuple[bool, str]: ...
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def record_headers(event: Event) -> list[tuple[str, bytes]]:
+    return [
+        ("event_id", event.id.encode()),
+        ("source", event.source.encode()),
+        ("type", event.type.encode()),
+    ]
+
+
+def event_topic_spec(settings: KafkaSettings) -> TopicSpec:
+    return TopicSpec(
+        name=settings.topic,
+        partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
+        configs={
+            "retention.ms": str(settings.retention_ms),
+            "max.message.bytes": str(settings.max_message_bytes),
+        },
+    )
+
+
+async def ensure_topics(settings: KafkaSettings, specs: Sequence[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    Broker-side auto-creation stays off, so this is the only place topics come from.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-admin",
+        request_timeout_ms=15_000,
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout=20)
+        response = await asyncio.wait_for(
+            admin.create_topics(
+                [
+                    NewTopic(
+                        name=spec.name,
+                        num_partitions=spec.partitions,
+                        replication_factor=spec.replication_factor,
+                        topic_configs=dict(spec.configs),
+                    )
+                    for spec in specs
+                ],
+                timeout_ms=15_000,
+            ),
+            timeout=20,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), timeout=10)
+    created: list[str] = []
+    for entry in response.topic_errors:
+        name, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else ""
+        if code == 0:
+            created.append(name)
+        elif code != _TOPIC_ALREADY_EXISTS:
+            raise KafkaError(f"cannot create topic {name}: error {code} {message or ''}".strip())
+    return created
+
+
+class KafkaBus:
+    """Publishes canonical events to the event topic with acks=all and bounded waits."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self._topic = settings.topic
+        self._timeout = settings.produce_timeout_ms / 1000
+        self._producer: Any = None
+        self._partitions: list[int] = []
+        self._key_partition: dict[bytes, int] = {}
+        self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
+
+    def _new_producer(self) -> Any:
+        s = self._settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=s.client_id,
+            enable_idempotence=True,  # forces acks=all
+            max_batch_size=s.max_batch_bytes,
+            max_request_size=s.max_message_bytes,
+            linger_ms=s.linger_ms,
+            compression_type=s.compression_type,
+            request_timeout_ms=max(5_000, s.produce_timeout_ms),
+            retry_backoff_ms=100,
+        )
+
+    async def start(self) -> None:
+        """Connect and create the event topic, retrying until ``kafka.startup_timeout_s``."""
+        deadline = time.monotonic() + self._settings.startup_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            producer = self._new_producer()
+            try:
+                await asyncio.wait_for(producer.start(), timeout=15)
+                created = await ensure_topics(self._settings, [event_topic_spec(self._settings)])
+                if created:
+                    log.info("created topic %s", ", ".join(created))
+                partitions = await asyncio.wait_for(
+                    producer.partitions_for(self._topic), timeout=15
+                )
+                self._partitions = sorted(partitions)
+                self._producer = producer
+                log.info(
+                    "kafka ready: %s, topic %s with %d partitions",
+                    self._settings.bootstrap_servers,
+                    self._topic,
+                    len(self._partitions),
+                )
+                return
+            except (KafkaError, OSError, TimeoutError) as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), timeout=5)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PublishError(
+                        f"kafka at {self._settings.bootstrap_servers} not usable after "
+                        f"{attempt} attempts: {exc!r}"
+                    ) from exc
+                log.warning("kafka not ready (attempt %d): %r; retrying", attempt, exc)
+                await asyncio.sleep(min(2.0, remaining))
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Flush what is buffered and close, waiting at most ``grace_s`` for each step."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            await asyncio.wait_for(producer.flush(), timeout=grace_s)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("producer flush incomplete at shutdown: %r", exc)
+        try:
+            await asyncio.wait_for(producer.stop(), timeout=grace_s)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("producer stop incomplete at shutdown: %r", exc)
+
+    def partition_for(self, key: bytes) -> int:
+        """Kafka's default partitioner: toPositive(murmur2(key)) % partitions, memoised per key."""
+        index = self._key_partition.get(key)
+        if index is None:
+            if len(self._key_partition) >= _KEY_CACHE_LIMIT:
+                self._key_partition.clear()
+            index = (murmur2(key) & 0x7FFFFFFF) % len(self._partitions)
+            self._key_partition[key] = index
+        return self._partitions[index]
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        producer = self._producer
+        if producer is None:
+            raise PublishError("kafka producer is not running")
+        try:
+            await asyncio.wait_for(self._publish(producer, events), timeout=self._timeout)
+        except TimeoutError:
+            raise PublishError(f"kafka did not acknowledge within {self._timeout:g}s") from None
+        except KafkaError as exc:
+            raise PublishError(f"kafka error: {exc!r}") from exc
+
+    async def _publish(self, producer: Any, events: Sequence[Event]) -> None:
+        limit = self._settings.max_message_bytes
+        topic = self._topic
+        if len(events) == 1:
+            # One record: send() lets concurrent single-event requests share a record batch.
+            event = events[0]
+            value = encode_event(event)
+            if len(value) > limit:
+                raise RecordTooLarge(f"event {event.id} is {len(value)} bytes; limit {limit}")
+            future = await producer.send(
+                topic, value=value, key=event.partition_key(), headers=record_headers(event)
+            )
+            await future
+            return
+        # Encode and size-check everything before anything is sent: a request is published whole
+        # or refused whole, never half.
+        values = [encode_event(event) for event in events]
+        for event, value in zip(events, values, strict=True):
+            if len(value) > limit:
+                raise RecordTooLarge(f"event {event.id} is {len(value)} bytes; limit {limit}")
+        builders: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for event, value in zip(events, values, strict=True):
+            key = event.partition_key()
+            partition = self.partition_for(key)
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            headers = record_headers(event)
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                futures.append(await producer.send_batch(builder, topic, partition=partition))
+                builder = builders[partition] = producer.create_batch()
+                builder.append(timestamp=None, key=key, value=value, headers=headers)
+        for partition, builder in builders.items():
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        await asyncio.gather(*futures)
+
+    async def ready(self) -> tuple[bool, str]:
+        """Kafka reachable and the event topic present; cached for a second."""
+        now = time.monotonic()
+        cached_at, ok, reason = self._ready_cache
+        if now - cached_at < 1.0:
+            return ok, reason
+        producer = self._producer
+        if producer is None:
+            ok, reason = False, "kafka producer is not running"
+        else:
+            try:
+                metadata = await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=2)
+                if self._topic in metadata.topics():
+                    ok, reason = True, "ok"
+                else:
+                    ok, reason = False, f"topic {self._topic} does not exist"
+            except (TimeoutError, KafkaError, OSError) as exc:
+                ok, reason = False, f"kafka unreachable: {exc.__class__.__name__}"
+        self._ready_cache = (time.monotonic(), ok, reason)
+        return ok, reason
+
+
+class MemoryBus:
+    """An in-process bus for fast unit tests: keeps the encoded records, can fail or stall."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
+        self.fail: PublishError | None = None
+        self.stall: asyncio.Event | None = None
+        self.timeout = 1.0
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        if self.stall is not None:
+            try:
+                await asyncio.wait_for(self.stall.wait(), timeout=self.timeout)
+            except TimeoutError:
+                raise PublishError("memory bus stalled") from None
+        if self.fail is not None:
+            raise self.fail
+        for event in events:
+            self.records.append((event.partition_key(), encode_event(event), record_headers(event)))
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.fail is not None:
+            return False, str(self.fail)
+        return True, "ok"

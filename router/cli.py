@@ -1,0 +1,167 @@
+"""The ``router`` command line.
+
+- ``router serve``: the ingest service (HTTP -> Kafka).
+- ``router events tail``: print events from the event topic, for operators and the README demo.
+- ``router config check``: validate the configuration and print it with secrets masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import msgspec
+
+from router.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("router")
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiokafka logs every failed reconnect at ERROR while the broker is away; our own warnings
+    # already say what matters (publish failed, not ready).
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def _serve(settings: Settings) -> int:
+    from aiohttp import web
+
+    from router.ingest import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.ingest.shutdown_timeout_s,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()  # starts the Kafka producer and creates the topic
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        return 1
+    site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.ingest.host, settings.ingest.port, exc)
+        await runner.cleanup()
+        return 1
+    log.info("ingest listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
+    await stop.wait()
+    log.info("stopping: no new connections, finishing in-flight requests, flushing the producer")
+    # Stops the listener, waits for running handlers (up to shutdown_timeout), then runs the
+    # cleanup context, which flushes and stops the producer.
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def _tail(settings: Settings, from_beginning: bool, count: int | None, idle_s: float) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.kafka.topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+    )
+    await asyncio.wait_for(consumer.start(), timeout=30)
+    seen = 0
+    try:
+        while count is None or seen < count:
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
+            if not batch:
+                if count is not None:
+                    break
+                continue
+            for records in batch.values():
+                for record in records:
+                    # One line per event: `raw` keeps the sender's own spacing and newlines.
+                    sys.stdout.write(msgspec.json.format(record.value, indent=0).decode() + "\n")
+                    seen += 1
+                    if count is not None and seen >= count:
+                        break
+            sys.stdout.flush()
+    finally:
+        await asyncio.wait_for(consumer.stop(), timeout=10)
+    return 0
+
+
+def _masked(settings: Settings) -> Any:
+    return msgspec.to_builtins(settings, enc_hook=repr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="router", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", help="YAML config file (default: $ROUTER_CONFIG, else built-in defaults)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the ingest service")
+    events = sub.add_parser("events", help="inspect the event topic")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    tail = events_sub.add_parser("tail", help="print events from the event topic as JSON lines")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
+    tail.add_argument("-n", "--count", type=int, help="stop after this many events")
+    tail.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=5.0,
+        help="with -n, give up after this many idle seconds",
+    )
+    config = sub.add_parser("config", help="configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("check", help="validate the configuration and print it, secrets masked")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        sys.stderr.write(f"router: {exc}\n")
+        return 2
+    _setup_logging(settings.log_level)
+    if args.command == "serve":
+        return _run(_serve(settings))
+    if args.command == "events":
+        try:
+            return _run(_tail(settings, args.from_beginning, args.count, args.idle_timeout))
+        except KeyboardInterrupt:
+            return 130
+    if args.command == "config":
+        sys.stdout.write(msgspec.yaml.encode(_masked(settings)).decode())
+        return 0
+    raise AssertionError(args.command)  # argparse rejects unknown commands first
+
+
+if __name__ == "__main__":
+    sys.exit(main())

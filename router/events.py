@@ -1,0 +1,405 @@
+"""The canonical event envelope and the decoders for the three Pendo ingest shapes.
+
+Everything that enters the router becomes one :class:`Event`, whatever it arrived as:
+
+- the dotted webhook shape (``event_type`` = ``guide.viewed``..., ISO ``timestamp``, fields under
+  ``data``);
+- Pendo's URL-webhook shape (``event`` = ``guideDisplayed``..., ``uniqueId``, ``timestamp`` in
+  seconds);
+- Track-API events (``type: "track"``, ``timestamp`` in milliseconds), one object or an array.
+
+Field names are normalised (``guideId`` and ``guide_id`` both become ``properties.guide_id``) so
+that one rule matches an event whichever shape Pendo used; the exact bytes received are kept in
+``raw``. The event id is Pendo's ``uniqueId`` where present, otherwise a hash of the decoded
+content in a canonical encoding, so a re-sent event keeps its id even if it was re-serialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from router.errors import validation_error_parts
+
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+SOURCE_WEBHOOK: Final = "webhook"
+SOURCE_TRACK: Final = "track"
+
+#: Canonical event types. A Pendo kind that maps to none of these is typed ``unknown`` and keeps
+#: Pendo's own name in ``Event.name``: accepted, never refused.
+EVENT_TYPES: Final = frozenset(
+    {
+        "guide.viewed",
+        "guide.advanced",
+        "guide.dismissed",
+        "guide.completed",
+        "guide.snoozed",
+        "poll.viewed",
+        "poll.response",
+        "nps.viewed",
+        "nps.response",
+        "track.event",
+        "page.viewed",
+        "feature.clicked",
+        "visitor.created",
+        "account.created",
+        "orchestrate.unsubscribed",
+    }
+)
+UNKNOWN_TYPE: Final = "unknown"
+
+# Pendo URL-webhook `event` values (and the Segment-type webhook names for the same events).
+URL_EVENT_TYPES: Final[dict[str, str]] = {
+    "guideDisplayed": "guide.viewed",
+    "guideSeen": "guide.viewed",
+    "guideAdvanced": "guide.advanced",
+    "guideDismissed": "guide.dismissed",
+    "guideSnoozed": "guide.snoozed",
+    "pollDisplayed": "poll.viewed",
+    "pollSeen": "poll.viewed",
+    "pollSubmitted": "poll.response",
+    "npsDisplayed": "nps.viewed",
+    "NPSSeen": "nps.viewed",
+    "npsSubmitted": "nps.response",
+    "NPSSubmitted": "nps.response",
+    "trackEventReceived": "track.event",
+    "visitorCreated": "visitor.created",
+    "accountCreated": "account.created",
+    "featureClicked": "feature.clicked",
+    "pageLoaded": "page.viewed",
+}
+
+# camelCase property names of the URL shape -> the names the dotted shape uses.
+_URL_PROPERTY_NAMES: Final[dict[str, str]] = {
+    "guideId": "guide_id",
+    "guideStepId": "step_id",
+    "pollId": "poll_id",
+    "pollResponse": "response",
+    "reason": "comment",
+}
+
+# Above this a URL-webhook timestamp is taken as milliseconds: 1e11 s is the year 5138, while
+# 1e11 ms is 1973, so the two units cannot be confused for any real event time.
+_MS_THRESHOLD: Final = 100_000_000_000
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """The canonical envelope; the Kafka record value is this, JSON-encoded.
+
+    Not ``forbid_unknown_fields``: this is our own schema, read by our own consumers, which must
+    tolerate fields added by a newer ingest during a rolling upgrade.
+    """
+
+    id: str
+    source: str
+    type: str
+    name: str
+    visitor_id: str | None = None
+    account_id: str | None = None
+    properties: dict[str, Any] = msgspec.field(default_factory=dict)
+    context: dict[str, Any] = msgspec.field(default_factory=dict)
+    timestamp: datetime
+    received_at: datetime
+    raw: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
+    def partition_key(self) -> bytes:
+        """Kafka key: per-visitor order within a partition (account, then id, when no visitor)."""
+        return (self.visitor_id or self.account_id or self.id).encode()
+
+
+# ---- external schemas (Pendo's); unknown fields are refused with their path -------------------
+
+
+class DottedWebhook(msgspec.Struct, forbid_unknown_fields=True):
+    event_type: NonEmptyStr
+    timestamp: datetime
+    data: dict[str, Any]
+
+
+class UrlWebhook(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    event: NonEmptyStr
+    timestamp: Annotated[float, msgspec.Meta(ge=0)] | Annotated[int, msgspec.Meta(ge=0)]
+    visitorId: str | None = None
+    accountId: str | None = None
+    uniqueId: NonEmptyStr | None = None
+    properties: dict[str, Any] = msgspec.field(default_factory=dict)
+    app: dict[str, Any] | None = None
+    subscription: dict[str, Any] | None = None
+    userAgent: str | None = None
+
+
+class TrackEvent(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["track"]
+    event: NonEmptyStr
+    visitorId: NonEmptyStr
+    timestamp: Annotated[int, msgspec.Meta(ge=0)]
+    # Pendo's Track API requires `context`, even if empty.
+    context: dict[str, Any]
+    accountId: str | None = None
+    properties: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _WebhookProbe(msgspec.Struct):
+    """Reads only the two discriminating keys, to pick the webhook shape."""
+
+    event_type: Any = None
+    event: Any = None
+
+
+class PayloadError(Exception):
+    """A request body that cannot become events: ``status`` 400 (not JSON) or 422 (schema)."""
+
+    def __init__(self, status: int, code: str, message: str, path: str = "$") -> None:
+        super().__init__(f"{path}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.path = path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, "path": self.path}
+
+
+# Built once: msgspec's typed decoders and encoders are compiled per type.
+_probe_decoder = msgspec.json.Decoder(_WebhookProbe)
+_dotted_decoder = msgspec.json.Decoder(DottedWebhook)
+_url_decoder = msgspec.json.Decoder(UrlWebhook)
+_track_decoder = msgspec.json.Decoder(TrackEvent)
+_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_canonical_encoder = msgspec.json.Encoder(order="sorted")
+_event_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    return _event_encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    return _event_decoder.decode(data)
+
+
+def content_id(shape: bytes, decoded: msgspec.Struct) -> str:
+    """A deterministic id from the decoded content: key order and spacing do not change it."""
+    digest = hashlib.sha256(shape)
+    digest.update(_canonical_encoder.encode(decoded))
+    return digest.hexdigest()[:40]
+
+
+def _schema_error(exc: msgspec.ValidationError, prefix: str = "$") -> PayloadError:
+    message, path = validation_error_parts(exc, prefix)
+    return PayloadError(422, "invalid_event", message, path)
+
+
+def _malformed(exc: msgspec.DecodeError) -> PayloadError:
+    return PayloadError(400, "malformed_json", str(exc))
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _from_epoch(value: float, unit_ms: bool) -> datetime:
+    # timedelta arithmetic, not fromtimestamp: exact for integer milliseconds and platform-free.
+    if unit_ms:
+        return _EPOCH + timedelta(milliseconds=value)
+    return _EPOCH + timedelta(seconds=value)
+
+
+def _optional_id(data: dict[str, Any], key: str, path: str) -> str | None:
+    value = data.get(key)
+    if value is None or isinstance(value, str):
+        return value or None
+    raise PayloadError(422, "invalid_event", f"Expected str, got {type(value).__name__}", path)
+
+
+# ---- webhooks ----------------------------------------------------------------------------------
+
+
+def decode_webhook(body: bytes, received_at: datetime) -> Event:
+    """Decode one Pendo webhook body (either webhook shape) into the canonical event."""
+    try:
+        probe = _probe_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise PayloadError(
+            422, "invalid_event", "Expected a JSON object (one webhook event)", "$"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc) from None
+    try:
+        if probe.event_type is not None:
+            return _from_dotted(_dotted_decoder.decode(body), body, received_at)
+        if probe.event is not None:
+            return _from_url(_url_decoder.decode(body), body, received_at)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc) from None
+    raise PayloadError(
+        422,
+        "invalid_event",
+        "Object missing required field event_type (dotted webhook) or event (URL webhook)",
+        "$",
+    )
+
+
+def _from_dotted(hook: DottedWebhook, body: bytes, received_at: datetime) -> Event:
+    data = hook.data
+    visitor_id = _optional_id(data, "visitor_id", "$.data.visitor_id")
+    account_id = _optional_id(data, "account_id", "$.data.account_id")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise PayloadError(422, "invalid_event", "Expected object", "$.data.metadata")
+    event_type = hook.event_type if hook.event_type in EVENT_TYPES else UNKNOWN_TYPE
+    properties = {
+        k: v for k, v in data.items() if k not in ("visitor_id", "account_id", "metadata")
+    }
+    name = hook.event_type
+    if event_type == "track.event":
+        track_name = properties.pop("event", None)
+        if not isinstance(track_name, str) or not track_name:
+            raise PayloadError(
+                422,
+                "invalid_event",
+                "Expected a non-empty str (the track event name)",
+                "$.data.event",
+            )
+        inner = properties.pop("properties", None) or {}
+        if not isinstance(inner, dict):
+            raise PayloadError(422, "invalid_event", "Expected object", "$.data.properties")
+        name = track_name
+        properties = {**properties, **inner}
+    return Event(
+        id=content_id(b"pendo-webhook-dotted\0", hook),
+        source=SOURCE_WEBHOOK,
+        type=event_type,
+        name=name,
+        visitor_id=visitor_id,
+        account_id=account_id,
+        properties=properties,
+        context=dict(metadata) if metadata else {},
+        timestamp=_utc(hook.timestamp),
+        received_at=received_at,
+        raw=msgspec.Raw(body.strip()),
+    )
+
+
+def _from_url(hook: UrlWebhook, body: bytes, received_at: datetime) -> Event:
+    event_type = URL_EVENT_TYPES.get(hook.event, UNKNOWN_TYPE)
+    source_props = hook.properties
+    properties: dict[str, Any] = {}
+    context: dict[str, Any] = {}
+    name = hook.event
+    if event_type == "track.event":
+        track_name = source_props.get("name")
+        if not isinstance(track_name, str) or not track_name:
+            raise PayloadError(
+                422,
+                "invalid_event",
+                "Expected a non-empty str (the track event name)",
+                "$.properties.name",
+            )
+        name = track_name
+        inner = source_props.get("eventProperties") or {}
+        if not isinstance(inner, dict):
+            raise PayloadError(
+                422, "invalid_event", "Expected object", "$.properties.eventProperties"
+            )
+        properties.update(inner)
+        for key, value in source_props.items():
+            if key not in ("name", "eventProperties"):
+                context[key] = value
+    else:
+        for key, value in source_props.items():
+            if key == "guideProperties" and isinstance(value, dict):
+                _guide_properties(value, source_props.get("guideStepId"), properties)
+            else:
+                properties[_URL_PROPERTY_NAMES.get(key, key)] = value
+    if hook.app is not None:
+        context["app"] = hook.app
+    if hook.subscription is not None:
+        context["subscription"] = hook.subscription
+    if hook.userAgent is not None:
+        context["user_agent"] = hook.userAgent
+    return Event(
+        id=hook.uniqueId or content_id(b"pendo-webhook-url\0", hook),
+        source=SOURCE_WEBHOOK,
+        type=event_type,
+        name=name,
+        visitor_id=hook.visitorId or None,
+        account_id=hook.accountId or None,
+        properties=properties,
+        context=context,
+        timestamp=_from_epoch(hook.timestamp, hook.timestamp >= _MS_THRESHOLD),
+        received_at=received_at,
+        raw=msgspec.Raw(body.strip()),
+    )
+
+
+def _guide_properties(guide: dict[str, Any], step_id: Any, out: dict[str, Any]) -> None:
+    name = guide.get("name")
+    if name is not None:
+        out["guide_name"] = name
+    steps = guide.get("steps")
+    if step_id is not None and isinstance(steps, list):
+        for index, step in enumerate(steps):
+            if isinstance(step, dict) and step.get("id") == step_id:
+                out["step_index"] = index
+                break
+
+
+# ---- Track API -------------------------------------------------------------------------------
+
+
+def decode_track(body: bytes, received_at: datetime, max_events: int) -> list[Event]:
+    """Decode a Track-API body: one event object or a JSON array of them."""
+    start = body.lstrip()[:1]
+    try:
+        if start == b"[":
+            items = _raw_list_decoder.decode(body)
+            if not items:
+                raise PayloadError(422, "empty_batch", "The array holds no events", "$")
+            if len(items) > max_events:
+                raise PayloadError(
+                    413,
+                    "too_many_events",
+                    f"The array holds {len(items)} events; the limit is {max_events}",
+                    "$",
+                )
+            return [_from_track(item, f"$[{i}]", received_at) for i, item in enumerate(items)]
+        if start == b"{":
+            return [_from_track(msgspec.Raw(body.strip()), "$", received_at)]
+    except msgspec.DecodeError as exc:
+        if isinstance(exc, msgspec.ValidationError):
+            raise _schema_error(exc) from None
+        raise _malformed(exc) from None
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc) from None
+    raise PayloadError(422, "invalid_event", "Expected a JSON object or an array of objects", "$")
+
+
+def _from_track(raw: msgspec.Raw, path: str, received_at: datetime) -> Event:
+    try:
+        track = _track_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc, path) from None
+    return Event(
+        id=content_id(b"pendo-track\0", track),
+        source=SOURCE_TRACK,
+        type="track.event",
+        name=track.event,
+        visitor_id=track.visitorId,
+        account_id=track.accountId or None,
+        properties=track.properties,
+        context=track.context,
+        timestamp=_from_epoch(track.timestamp, True),
+        received_at=received_at,
+        raw=raw,
+    )

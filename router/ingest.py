@@ -1,0 +1,291 @@
+"""The ingest service: Pendo webhooks and Track-API events over HTTP, onto the Kafka event topic.
+
+A 2xx means every event of the request is acknowledged by Kafka; anything else earns a 4xx with
+a JSON error naming the field and the reason, or a 503 with Retry-After when Kafka does not
+acknowledge in time. Routes:
+
+- ``POST /webhooks/pendo``: ``X-Pendo-Signature: sha256=<hex>`` over the raw body (401 first);
+- ``POST /data/track``: ``x-pendo-integration-key``; one event or a JSON array;
+- ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /openapi.yaml``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from router import signature
+from router.bus import EventBus, KafkaBus, PublishError, RecordTooLarge
+from router.events import Event, PayloadError, decode_track, decode_webhook
+from router.metrics import IngestMetrics
+from router.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+BUS: web.AppKey[EventBus] = web.AppKey("bus", EventBus)
+METRICS: web.AppKey[IngestMetrics] = web.AppKey("metrics", IngestMetrics)
+
+SIGNATURE_HEADER = "X-Pendo-Signature"
+INTEGRATION_KEY_HEADER = "x-pendo-integration-key"
+
+_json = msgspec.json.Encoder()
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class IngestState:
+    """Per-app mutable state: the secrets as bytes (decoded once) and the in-flight count."""
+
+    def __init__(self, settings: Settings) -> None:
+        ingest = settings.ingest
+        self.webhook_secrets = [s.reveal().encode() for s in ingest.webhook_secrets]
+        self.integration_keys = [k.reveal().encode() for k in ingest.integration_keys]
+        self.allow_unsigned = ingest.allow_unsigned
+        self.max_batch_events = ingest.max_batch_events
+        self.max_inflight = ingest.max_inflight_requests
+        self.retry_after = str(ingest.retry_after_s)
+        self.inflight = 0
+
+
+STATE: web.AppKey[IngestState] = web.AppKey("state", IngestState)
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=_json.encode(body), content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(status, {"error": code, "message": message}, headers)
+
+
+class Rejected(Exception):
+    """Ends a request with a JSON error; ``reason`` is the metric label."""
+
+    def __init__(self, response: web.Response, reason: str) -> None:
+        self.response = response
+        self.reason = reason
+
+
+def _require_json(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise Rejected(
+            error_response(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json, got {request.content_type}",
+            ),
+            "content_type",
+        )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].ingest.max_body_bytes
+        raise Rejected(
+            error_response(
+                413,
+                "body_too_large",
+                f"The request body (decompressed) exceeds the limit of {limit} bytes",
+            ),
+            "too_large",
+        ) from None
+    except RequestPayloadError as exc:
+        # A truncated upload or a Content-Encoding that does not decode (corrupt gzip).
+        raise Rejected(
+            error_response(400, "unreadable_body", f"The request body cannot be read: {exc}"),
+            "unreadable_body",
+        ) from None
+
+
+def _unauthorized(message: str, reason: str) -> Rejected:
+    return Rejected(error_response(401, "unauthorized", message), reason)
+
+
+async def webhook_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    header = request.headers.get(SIGNATURE_HEADER)
+    digest = signature.parse_signature(header)
+    if header is None and not state.allow_unsigned:
+        raise _unauthorized(f"Missing {SIGNATURE_HEADER} header", "signature_missing")
+    if header is not None and digest is None:
+        raise _unauthorized(
+            f"Malformed {SIGNATURE_HEADER} header: expected sha256=<64 hex digits>",
+            "signature_malformed",
+        )
+    _require_json(request)
+    body = await _read_body(request)
+    if digest is not None and not signature.verify(state.webhook_secrets, body, digest):
+        raise _unauthorized(
+            "Signature does not match the request body for any configured secret",
+            "signature_mismatch",
+        )
+    received_at = datetime.now(UTC)
+    try:
+        event = decode_webhook(body, received_at)
+    except PayloadError as exc:
+        raise Rejected(json_response(exc.status, exc.to_dict()), exc.code) from None
+    return await _publish(request, [event], "webhook")
+
+
+async def track_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    key = request.headers.get(INTEGRATION_KEY_HEADER)
+    if key is None:
+        raise _unauthorized(f"Missing {INTEGRATION_KEY_HEADER} header", "key_missing")
+    if not _key_matches(state.integration_keys, key.encode()):
+        raise _unauthorized(f"Unknown {INTEGRATION_KEY_HEADER}", "key_mismatch")
+    _require_json(request)
+    body = await _read_body(request)
+    received_at = datetime.now(UTC)
+    try:
+        events = decode_track(body, received_at, state.max_batch_events)
+    except PayloadError as exc:
+        raise Rejected(json_response(exc.status, exc.to_dict()), exc.code) from None
+    return await _publish(request, events, "track")
+
+
+def _key_matches(keys: Sequence[bytes], given: bytes) -> bool:
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(key, given)
+    return matched
+
+
+async def _publish(request: web.Request, events: list[Event], source: str) -> web.Response:
+    app = request.app
+    state = app[STATE]
+    metrics = app[METRICS]
+    if state.inflight >= state.max_inflight:
+        raise Rejected(
+            error_response(
+                503,
+                "overloaded",
+                "Too many requests are waiting for Kafka; retry later",
+                {"Retry-After": state.retry_after},
+            ),
+            "overloaded",
+        )
+    state.inflight += 1
+    started = time.perf_counter()
+    try:
+        await app[BUS].publish(events)
+    except RecordTooLarge as exc:
+        raise Rejected(
+            error_response(413, "event_too_large", str(exc)), "event_too_large"
+        ) from None
+    except PublishError as exc:
+        log.warning("publish of %d event(s) failed: %s", len(events), exc)
+        raise Rejected(
+            error_response(
+                503,
+                "kafka_unavailable",
+                "The events were not acknowledged by Kafka; nothing was accepted. Retry later",
+                {"Retry-After": state.retry_after},
+            ),
+            "kafka_unavailable",
+        ) from None
+    finally:
+        state.inflight -= 1
+        metrics.produce_seconds.observe(time.perf_counter() - started)
+    metrics.events_accepted.labels(source).inc(len(events))
+    return json_response(200, {"accepted": len(events), "ids": [e.id for e in events]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok, reason = await request.app[BUS].ready()
+    if ok:
+        return json_response(200, {"status": "ready"})
+    return json_response(503, {"status": "unavailable", "reason": reason})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def openapi_document() -> bytes:
+    return resources.files("router").joinpath("openapi.yaml").read_bytes()
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document(), content_type="application/yaml")
+
+
+@web.middleware
+async def _outcome_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Counts every response by route and status, and turns refusals into JSON errors."""
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    metrics = request.app[METRICS]
+    try:
+        response = await handler(request)
+    except Rejected as rejected:
+        metrics.rejected.labels(route_name, rejected.reason).inc()
+        response = rejected.response
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            for name in ("Allow",):
+                if name in exc.headers:
+                    response.headers[name] = exc.headers[name]
+        else:
+            raise
+    metrics.requests.labels(route_name, str(response.status)).inc()
+    return response
+
+
+def create_app(settings: Settings, bus: EventBus | None = None) -> web.Application:
+    """Build the ingest app; with no bus given, a Kafka bus is started and stopped with it."""
+    app = web.Application(
+        client_max_size=settings.ingest.max_body_bytes, middlewares=[_outcome_middleware]
+    )
+    app[SETTINGS] = settings
+    state = app[STATE] = IngestState(settings)
+    metrics = app[METRICS] = IngestMetrics(CollectorRegistry())
+    metrics.inflight.set_function(lambda: state.inflight)
+    if bus is not None:
+        app[BUS] = bus
+    else:
+        app.cleanup_ctx.append(_kafka_bus_ctx)
+    if not settings.ingest.webhook_secrets and not settings.ingest.allow_unsigned:
+        log.warning(
+            "no ingest.webhook_secrets configured and ingest.allow_unsigned is false: "
+            "every webhook will be refused with 401"
+        )
+    app.router.add_post("/webhooks/pendo", webhook_handler)
+    app.router.add_post("/data/track", track_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.yaml", openapi_handler)
+    return app
+
+
+async def _kafka_bus_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    bus = KafkaBus(settings.kafka)
+    await bus.start()
+    app[BUS] = bus
+    yield
+    # Runs after the server stopped accepting and in-flight handlers finished.
+    await bus.stop(grace_s=min(10.0, settings.ingest.shutdown_timeout_s))

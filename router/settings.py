@@ -1,0 +1,252 @@
+"""Router configuration: one YAML file, every value overridable from the environment.
+
+Precedence, lowest first: defaults in the Structs below, the YAML file (``--config`` or
+``ROUTER_CONFIG``), then ``ROUTER_<SECTION>__<KEY>`` environment variables
+(``ROUTER_KAFKA__BOOTSTRAP_SERVERS=host:9092``). Environment values are read as YAML scalars,
+so ``true``, ``5`` and ``[a, b]`` mean what they look like; list settings also take a
+comma-separated string.
+
+Secrets (webhook secrets, integration keys, later sink credentials) are :class:`Secret` values:
+a literal string, ``{env: NAME}`` or ``{file: /path}``. A Secret never prints its value, so a
+settings object can be logged or put in an error message safely.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from router.errors import validation_error_parts
+
+ENV_PREFIX = "ROUTER_"
+ENV_CONFIG = "ROUTER_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+class Secret:
+    """A secret string whose value never appears in repr, str, logs or error messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class KafkaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic: str = "router.events"
+    # Topic shape used when the router creates the topic at start; an existing topic is left as is.
+    partitions: int = 6
+    replication_factor: int = 1
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    client_id: str = "pendo-event-router"
+    # Upper bound on the wait for Kafka's acknowledgement of one request's events; past it the
+    # client gets 503 + Retry-After (aiokafka's idempotent producer would otherwise wait forever).
+    produce_timeout_ms: int = 10_000
+    # How long `router serve` keeps trying to reach Kafka and create its topics before giving up.
+    startup_timeout_s: float = 60.0
+    # One produce request may carry a whole batch of 500 events; the broker's default
+    # message.max.bytes is about 1 MiB.
+    max_batch_bytes: int = 1_000_000
+    # Topic max.message.bytes (set when the router creates the topic) and the producer's request
+    # cap: a canonical event carries the raw payload plus its normalised fields, so about twice
+    # the body size; the default leaves room for a body at the 1 MiB ingest limit.
+    max_message_bytes: int = 4 * 1024 * 1024
+    linger_ms: int = 0
+    compression_type: str | None = None
+
+
+class IngestSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    webhook_secrets: list[Secret] = msgspec.field(default_factory=list)
+    allow_unsigned: bool = False
+    integration_keys: list[Secret] = msgspec.field(default_factory=list)
+    # Applies to the decompressed body when the client sends Content-Encoding: gzip.
+    max_body_bytes: int = 1024 * 1024
+    max_batch_events: int = 500
+    # Requests waiting on Kafka at once; past it new requests get 503 instead of queueing memory.
+    max_inflight_requests: int = 1024
+    retry_after_s: int = 5
+    shutdown_timeout_s: float = 30.0
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
+    ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+    log_level: str = "INFO"
+
+
+_LIST_FIELDS = {
+    ("ingest", "webhook_secrets"),
+    ("ingest", "integration_keys"),
+}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _secret_hook(environ: Mapping[str, str]) -> Any:
+    def dec_hook(tp: type, obj: Any) -> Any:
+        if tp is Secret:
+            return _secret_from(obj, environ)
+        raise TypeError(f"unsupported type {tp!r}")
+
+    return dec_hook
+
+
+def _secret_from(obj: Any, environ: Mapping[str, str]) -> Secret:
+    if isinstance(obj, Secret):
+        return obj
+    if isinstance(obj, str):
+        if not obj:
+            raise ValueError("secret is empty")
+        return Secret(obj)
+    if isinstance(obj, Mapping) and len(obj) == 1:
+        ((kind, ref),) = obj.items()
+        if kind == "env":
+            value = environ.get(str(ref))
+            if not value:
+                raise ValueError(f"environment variable {ref} is unset or empty")
+            return Secret(value)
+        if kind == "file":
+            try:
+                value = Path(str(ref)).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {ref}: {exc.strerror}") from None
+            if not value:
+                raise ValueError(f"secret file {ref} is empty")
+            return Secret(value)
+    raise ValueError("expected a string, {env: NAME} or {file: PATH}")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], str, Any]]:
+    out: list[tuple[tuple[str, ...], str, Any]] = []
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        if not all(path):
+            continue
+        try:
+            value: Any = msgspec.yaml.decode(raw) if raw.strip() else ""
+        except msgspec.DecodeError:
+            value = raw
+        if path in _LIST_FIELDS and isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        elif isinstance(value, (dict, list)) and path not in _LIST_FIELDS:
+            value = raw
+        out.append((path, name, value))
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from defaults, an optional YAML file and the environment."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = environ.get(ENV_CONFIG) or None
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        try:
+            loaded = msgspec.yaml.decode(text) if text.strip() else {}
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded
+
+    env_names: dict[tuple[str, ...], str] = {}
+    for key_path, env_name, value in _env_overrides(environ):
+        node = data
+        for part in key_path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[key_path[-1]] = value
+        env_names[key_path] = env_name
+
+    try:
+        settings = msgspec.convert(data, Settings, strict=False, dec_hook=_secret_hook(environ))
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, source, env_names)) from None
+    _check(settings)
+    return settings
+
+
+def _describe(
+    exc: msgspec.ValidationError, source: str, env_names: Mapping[tuple[str, ...], str]
+) -> str:
+    message, path = validation_error_parts(exc)
+    key = path.removeprefix("$.").removeprefix("$")
+    dotted = key.split("[", 1)[0]
+    origin = env_names.get(tuple(dotted.split("."))) if dotted else None
+    origin_text = f" (from {origin})" if origin else f" (in {source})"
+    if not key:
+        return f"config: {message}{origin_text}"
+    return f"config key {key}: {message}{origin_text}"
+
+
+def _check(settings: Settings) -> None:
+    problems: list[str] = []
+    k, i = settings.kafka, settings.ingest
+    for name, value, low in (
+        ("kafka.partitions", k.partitions, 1),
+        ("kafka.replication_factor", k.replication_factor, 1),
+        ("kafka.produce_timeout_ms", k.produce_timeout_ms, 1),
+        ("kafka.max_batch_bytes", k.max_batch_bytes, 1024),
+        ("kafka.max_message_bytes", k.max_message_bytes, 1024),
+        ("ingest.max_body_bytes", i.max_body_bytes, 1),
+        ("ingest.max_batch_events", i.max_batch_events, 1),
+        ("ingest.max_inflight_requests", i.max_inflight_requests, 1),
+        ("ingest.retry_after_s", i.retry_after_s, 1),
+    ):
+        if value < low:
+            problems.append(f"config key {name}: must be >= {low}, got {value}")
+    if not 0 < i.port < 65536:
+        problems.append(f"config key ingest.port: must be 1..65535, got {i.port}")
+    if not k.topic or any(c not in _TOPIC_CHARS for c in k.topic):
+        problems.append(
+            f"config key kafka.topic: {k.topic!r} is not a valid Kafka topic name "
+            "(letters, digits, '.', '_', '-')"
+        )
+    if k.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
+        problems.append(
+            "config key kafka.compression_type: must be one of gzip, snappy, lz4, zstd or null"
+        )
+    if settings.log_level.upper() not in _LOG_LEVELS:
+        problems.append(f"config key log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -1,0 +1,1 @@
+"""Tests: unit (no I/O beyond loopback HTTP), integration (the real local Kafka broker)."""

@@ -1,0 +1,124 @@
+"""`router serve` as a real process: starts, accepts, and exits 0 on SIGTERM having flushed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from router.events import decode_event
+from router.signature import sign
+from tests.fixtures import PENDO_FIXTURES
+from tests.integration.conftest import Broker, read_topic, unique_topic
+
+pytestmark = pytest.mark.kafka
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            assert process.poll() is None, "router serve exited during start-up"
+            try:
+                async with session.get(url + "/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError("router serve did not become ready")
+
+
+async def test_serve_accepts_then_stops_cleanly_on_sigterm(broker: Broker, tmp_path: Path) -> None:
+    topic = unique_topic()
+    port = free_port()
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: '{broker.bootstrap}'\n  topic: {topic}\n  partitions: 2\n"
+        f"ingest:\n  port: {port}\n  webhook_secrets: [{{env: HOOK_SECRET}}]\n"
+    )
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "--config", str(config), "serve"],
+        cwd=ROOT,
+        env={**os.environ, "HOOK_SECRET": "proc-secret"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(url, process, 60)
+        body = (PENDO_FIXTURES / "webhook-url" / "npsSubmitted.json").read_bytes()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Pendo-Signature": sign(b"proc-secret", body),
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/webhooks/pendo", data=body, headers=headers) as response,
+        ):
+            assert response.status == 200
+            (event_id,) = (await response.json())["ids"]
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 30)
+        assert code == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert "stopped" in output
+    assert "proc-secret" not in output  # secrets never logged
+    records = await read_topic(broker.bootstrap, topic, expected=1)
+    assert [decode_event(r.value).id for r in records] == [event_id]
+
+
+async def test_serve_exits_1_with_a_clear_message_when_kafka_is_absent(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: '127.0.0.1:{free_port()}'\n  startup_timeout_s: 3\n"
+        f"ingest:\n  port: {free_port()}\n"
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "router.cli", "--config", str(config), "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    assert "not usable" in result.stderr
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text("ingest:\n  port: lots\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "router.cli", "--config", str(config), "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "ingest.port" in result.stderr

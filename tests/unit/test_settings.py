@@ -1,0 +1,118 @@
+"""Configuration: file, environment overrides, secrets, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.settings import ConfigError, Secret, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_without_file_or_env() -> None:
+    settings = load_settings(None, {})
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:19092"
+    assert settings.ingest.allow_unsigned is False
+    assert settings.ingest.max_body_bytes == 1024 * 1024
+    assert settings.ingest.webhook_secrets == []
+
+
+@pytest.mark.parametrize("name", ["router.example.yaml", "local.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    env = {"PENDO_WEBHOOK_SECRET": "s1", "PENDO_INTEGRATION_KEY": "k1"}
+    settings = load_settings(ROOT / "config" / name, env)
+    assert settings.ingest.webhook_secrets
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("kafka:\n  topic: from.file\ningest:\n  port: 9000\n")
+    settings = load_settings(
+        config,
+        {
+            "ROUTER_KAFKA__BOOTSTRAP_SERVERS": "k1:9092,k2:9092",
+            "ROUTER_INGEST__PORT": "9100",
+            "ROUTER_INGEST__ALLOW_UNSIGNED": "true",
+            "ROUTER_INGEST__WEBHOOK_SECRETS": "a, b",
+            "ROUTER_LOG_LEVEL": "debug",
+        },
+    )
+    assert settings.kafka.topic == "from.file"
+    assert settings.kafka.bootstrap_servers == "k1:9092,k2:9092"
+    assert settings.ingest.port == 9100
+    assert settings.ingest.allow_unsigned is True
+    assert settings.ingest.webhook_secrets == [Secret("a"), Secret("b")]
+    assert settings.log_level == "debug"
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("kafka:\n  topic: via.env\n")
+    assert load_settings(None, {"ROUTER_CONFIG": str(config)}).kafka.topic == "via.env"
+
+
+def test_secrets_from_env_and_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "ingest:\n"
+        "  webhook_secrets: [{env: HOOK_SECRET}, {file: " + str(secret_file) + "}, literal]\n"
+    )
+    settings = load_settings(config, {"HOOK_SECRET": "from-env"})
+    assert [s.reveal() for s in settings.ingest.webhook_secrets] == [
+        "from-env",
+        "from-file",
+        "literal",
+    ]
+
+
+def test_secrets_never_print_their_value() -> None:
+    settings = load_settings(None, {"ROUTER_INGEST__WEBHOOK_SECRETS": "hunter2"})
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.ingest.webhook_secrets[0])
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "expected"),
+    [
+        ("ingest:\n  port: many\n", {}, "config key ingest.port: Expected int"),
+        ("ingest:\n  prot: 1\n", {}, "config key ingest.prot: Object contains unknown field prot"),
+        ("kafka: 5\n", {}, "config key kafka: Expected object"),
+        ("", {"ROUTER_INGEST__PORT": "x"}, "(from ROUTER_INGEST__PORT)"),
+        ("", {"ROUTER_INGEST__PORT": "70000"}, "config key ingest.port: must be 1..65535"),
+        ("kafka:\n  topic: 'a b'\n", {}, "config key kafka.topic"),
+        ("ingest:\n  webhook_secrets: [{env: NOPE}]\n", {}, "NOPE is unset"),
+        ("ingest:\n  webhook_secrets: ['']\n", {}, "secret is empty"),
+        (
+            "ingest:\n  max_batch_events: 0\n",
+            {},
+            "config key ingest.max_batch_events: must be >= 1",
+        ),
+        ("- a list\n", {}, "top level must be a mapping"),
+        ("a: [\n", {}, "not valid YAML"),
+    ],
+)
+def test_errors_name_the_key(
+    tmp_path: Path, yaml_text: str, env: dict[str, str], expected: str
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, env)
+    assert expected in str(info.value)
+
+
+def test_secret_values_stay_out_of_error_messages(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("ingest:\n  webhook_secrets: sekrit-value\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, {})
+    assert "sekrit-value" not in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "absent.yaml", {})
