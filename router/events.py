@@ -85,6 +85,9 @@ _URL_PROPERTY_NAMES: Final[dict[str, str]] = {
 # Above this a URL-webhook timestamp is taken as milliseconds: 1e11 s is the year 5138, while
 # 1e11 ms is 1973, so the two units cannot be confused for any real event time.
 _MS_THRESHOLD: Final = 100_000_000_000
+# 9999-12-31T23:59:59.999Z in ms: the last instant a datetime holds. Larger values are refused
+# with a schema error rather than overflowing into a 500.
+_MAX_MS: Final = 253_402_300_799_999
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -123,7 +126,10 @@ class DottedWebhook(msgspec.Struct, forbid_unknown_fields=True):
 
 class UrlWebhook(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event: NonEmptyStr
-    timestamp: Annotated[float, msgspec.Meta(ge=0)] | Annotated[int, msgspec.Meta(ge=0)]
+    timestamp: (
+        Annotated[float, msgspec.Meta(ge=0, le=_MAX_MS)]
+        | Annotated[int, msgspec.Meta(ge=0, le=_MAX_MS)]
+    )
     visitorId: str | None = None
     accountId: str | None = None
     uniqueId: NonEmptyStr | None = None
@@ -137,7 +143,7 @@ class TrackEvent(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: Literal["track"]
     event: NonEmptyStr
     visitorId: NonEmptyStr
-    timestamp: Annotated[int, msgspec.Meta(ge=0)]
+    timestamp: Annotated[int, msgspec.Meta(ge=0, le=_MAX_MS)]
     # Pendo's Track API requires `context`, even if empty.
     context: dict[str, Any]
     accountId: str | None = None
@@ -200,10 +206,14 @@ def _malformed(exc: msgspec.DecodeError) -> PayloadError:
     return PayloadError(400, "malformed_json", str(exc))
 
 
-def _utc(value: datetime) -> datetime:
+def _utc(value: datetime, path: str) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+01:00 is a valid RFC 3339 string but has no UTC datetime.
+        raise PayloadError(422, "invalid_event", "Datetime out of range in UTC", path) from None
 
 
 def _from_epoch(value: float, unit_ms: bool) -> datetime:
@@ -283,7 +293,7 @@ def _from_dotted(hook: DottedWebhook, body: bytes, received_at: datetime) -> Eve
         account_id=account_id,
         properties=properties,
         context=dict(metadata) if metadata else {},
-        timestamp=_utc(hook.timestamp),
+        timestamp=_utc(hook.timestamp, "$.timestamp"),
         received_at=received_at,
         raw=msgspec.Raw(body.strip()),
     )

@@ -8,12 +8,16 @@ see each other's events and can run against a developer's long-running broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
@@ -45,6 +49,11 @@ class Broker:
 
     def is_ready(self) -> bool:
         return self.ctl("status", check=False).returncode == 0
+
+    def pid(self) -> int:
+        """The broker JVM's PID, for SIGSTOP/SIGCONT fault injection."""
+        state = Path(os.environ.get("KAFKA_STATE_DIR", ROOT / ".local"))
+        return int((state / f"kafka-{self.port}" / "kafka.pid").read_text().strip())
 
 
 def _session_broker(port: int) -> Iterator[Broker]:
@@ -122,3 +131,42 @@ async def admin(broker: Broker) -> AsyncIterator[AIOKafkaAdminClient]:
     await asyncio.wait_for(client.start(), timeout=30)
     yield client
     await asyncio.wait_for(client.close(), timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_process(config: Path, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`router serve` as a child process; killed at the end if the test did not stop it."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "--config", str(config), "serve"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+async def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            assert process.poll() is None, "router serve exited during start-up"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url + "/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise AssertionError("router serve did not become ready")

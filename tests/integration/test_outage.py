@@ -9,15 +9,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from router.events import decode_event
 from router.ingest import create_app
-from tests.integration.conftest import Broker, make_settings, read_topic, unique_topic
+from tests.integration.conftest import (
+    Broker,
+    free_port,
+    make_settings,
+    read_topic,
+    serve_process,
+    unique_topic,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -101,3 +112,40 @@ async def test_stop_and_kill_give_503_then_recover(
     records = await read_topic(outage_broker.bootstrap, topic, expected=len(acknowledged))
     on_topic = {decode_event(r.value).id for r in records}
     assert acknowledged <= on_topic
+
+
+async def test_sigterm_finishes_the_request_waiting_on_kafka(
+    outage_broker: Broker, tmp_path: Path
+) -> None:
+    """SIGTERM while a request waits for Kafka: that request still gets its answer, then exit 0."""
+    topic = unique_topic()
+    port = free_port()
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: '{outage_broker.bootstrap}'\n  topic: {topic}\n"
+        f"  produce_timeout_ms: 20000\n"
+        f"ingest:\n  port: {port}\n  integration_keys: [it-key]\n  shutdown_timeout_s: 30\n"
+    )
+    url = f"http://127.0.0.1:{port}"
+    with serve_process(config, tmp_path / "serve.log") as process:
+        await wait_ready(url, process)
+        broker_pid = outage_broker.pid()
+        async with aiohttp.ClientSession() as session:
+            os.kill(broker_pid, signal.SIGSTOP)  # Kafka freezes: the request below must wait
+            try:
+                pending = asyncio.ensure_future(
+                    session.post(url + "/data/track", data=track_body(1), headers=TRACK_HEADERS)
+                )
+                await asyncio.sleep(1.0)
+                assert not pending.done()
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1.0)
+                assert process.poll() is None, "exited with a request still in flight"
+            finally:
+                os.kill(broker_pid, signal.SIGCONT)
+            response = await asyncio.wait_for(pending, 30)
+            assert response.status == 200, await response.text()
+            (event_id,) = (await response.json())["ids"]
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    records = await read_topic(outage_broker.bootstrap, topic, expected=1)
+    assert [decode_event(r.value).id for r in records] == [event_id]

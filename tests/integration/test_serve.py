@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,33 +14,18 @@ import pytest
 from router.events import decode_event
 from router.signature import sign
 from tests.fixtures import PENDO_FIXTURES
-from tests.integration.conftest import Broker, read_topic, unique_topic
+from tests.integration.conftest import (
+    Broker,
+    free_port,
+    read_topic,
+    serve_process,
+    unique_topic,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while loop.time() < deadline:
-            assert process.poll() is None, "router serve exited during start-up"
-            try:
-                async with session.get(url + "/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError("router serve did not become ready")
 
 
 async def test_serve_accepts_then_stops_cleanly_on_sigterm(broker: Broker, tmp_path: Path) -> None:
@@ -53,17 +36,9 @@ async def test_serve_accepts_then_stops_cleanly_on_sigterm(broker: Broker, tmp_p
         f"kafka:\n  bootstrap_servers: '{broker.bootstrap}'\n  topic: {topic}\n  partitions: 2\n"
         f"ingest:\n  port: {port}\n  webhook_secrets: [{{env: HOOK_SECRET}}]\n"
     )
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "--config", str(config), "serve"],
-        cwd=ROOT,
-        env={**os.environ, "HOOK_SECRET": "proc-secret"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with serve_process(config, tmp_path / "serve.log", HOOK_SECRET="proc-secret") as process:
         url = f"http://127.0.0.1:{port}"
-        await wait_healthy(url, process, 60)
+        await wait_ready(url, process)
         body = (PENDO_FIXTURES / "webhook-url" / "npsSubmitted.json").read_bytes()
         headers = {
             "Content-Type": "application/json",
@@ -76,13 +51,7 @@ async def test_serve_accepts_then_stops_cleanly_on_sigterm(broker: Broker, tmp_p
             assert response.status == 200
             (event_id,) = (await response.json())["ids"]
         process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 30)
-        assert code == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+        assert await asyncio.to_thread(process.wait, 30) == 0
     output = (tmp_path / "serve.log").read_text()
     assert "stopped" in output
     assert "proc-secret" not in output  # secrets never logged
