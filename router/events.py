@@ -176,6 +176,7 @@ _probe_decoder = msgspec.json.Decoder(_WebhookProbe)
 _dotted_decoder = msgspec.json.Decoder(DottedWebhook)
 _url_decoder = msgspec.json.Decoder(UrlWebhook)
 _track_decoder = msgspec.json.Decoder(TrackEvent)
+_track_list_decoder = msgspec.json.Decoder(list[TrackEvent])
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _canonical_encoder = msgspec.json.Encoder(order="sorted")
 _event_encoder = msgspec.json.Encoder()
@@ -192,9 +193,7 @@ def decode_event(data: bytes) -> Event:
 
 def content_id(shape: bytes, decoded: msgspec.Struct) -> str:
     """A deterministic id from the decoded content: key order and spacing do not change it."""
-    digest = hashlib.sha256(shape)
-    digest.update(_canonical_encoder.encode(decoded))
-    return digest.hexdigest()[:40]
+    return hashlib.sha256(shape + _canonical_encoder.encode(decoded)).hexdigest()[:40]
 
 
 def _schema_error(exc: msgspec.ValidationError, prefix: str = "$") -> PayloadError:
@@ -371,19 +370,26 @@ def decode_track(body: bytes, received_at: datetime, max_events: int) -> list[Ev
     start = body.lstrip()[:1]
     try:
         if start == b"[":
-            items = _raw_list_decoder.decode(body)
-            if not items:
+            # Two passes over the bytes are cheaper than one decode per item: the Raw slices keep
+            # each event's exact bytes, the typed pass validates all events at C speed.
+            raws = _raw_list_decoder.decode(body)
+            if not raws:
                 raise PayloadError(422, "empty_batch", "The array holds no events", "$")
-            if len(items) > max_events:
+            if len(raws) > max_events:
                 raise PayloadError(
                     413,
                     "too_many_events",
-                    f"The array holds {len(items)} events; the limit is {max_events}",
+                    f"The array holds {len(raws)} events; the limit is {max_events}",
                     "$",
                 )
-            return [_from_track(item, f"$[{i}]", received_at) for i, item in enumerate(items)]
+            tracks = _track_list_decoder.decode(body)
+            return [
+                _from_track(track, raw, received_at)
+                for track, raw in zip(tracks, raws, strict=True)
+            ]
         if start == b"{":
-            return [_from_track(msgspec.Raw(body.strip()), "$", received_at)]
+            track = _track_decoder.decode(body)
+            return [_from_track(track, msgspec.Raw(body.strip()), received_at)]
     except msgspec.DecodeError as exc:
         if isinstance(exc, msgspec.ValidationError):
             raise _schema_error(exc) from None
@@ -395,11 +401,7 @@ def decode_track(body: bytes, received_at: datetime, max_events: int) -> list[Ev
     raise PayloadError(422, "invalid_event", "Expected a JSON object or an array of objects", "$")
 
 
-def _from_track(raw: msgspec.Raw, path: str, received_at: datetime) -> Event:
-    try:
-        track = _track_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise _schema_error(exc, path) from None
+def _from_track(track: TrackEvent, raw: msgspec.Raw, received_at: datetime) -> Event:
     return Event(
         id=content_id(b"pendo-track\0", track),
         source=SOURCE_TRACK,
