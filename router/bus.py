@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
-from router.events import Event, encode_event
+from router.events import Record
 from router.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class RecordTooLarge(PublishError):
 
 
 class EventBus(Protocol):
-    async def publish(self, events: Sequence[Event]) -> None: ...
+    async def publish(self, records: Sequence[Record]) -> None: ...
 
     async def ready(self) -> tuple[bool, str]: ...
 
@@ -59,14 +59,6 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     configs: dict[str, str] = field(default_factory=dict)
-
-
-def record_headers(event: Event) -> list[tuple[str, bytes]]:
-    return [
-        ("event_id", event.id.encode()),
-        ("source", event.source.encode()),
-        ("type", event.type.encode()),
-    ]
 
 
 def event_topic_spec(settings: KafkaSettings) -> TopicSpec:
@@ -132,6 +124,7 @@ class KafkaBus:
         self._producer: Any = None
         self._partitions: list[int] = []
         self._key_partition: dict[bytes, int] = {}
+        self._partition_locks: dict[int, asyncio.Lock] = {}
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
 
     def _new_producer(self) -> Any:
@@ -208,53 +201,81 @@ class KafkaBus:
             self._key_partition[key] = index
         return self._partitions[index]
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, records: Sequence[Record]) -> None:
         producer = self._producer
         if producer is None:
             raise PublishError("kafka producer is not running")
+        limit = self._settings.max_message_bytes
+        # Size-check everything before anything is sent: a request is published whole or
+        # refused whole, never half.
+        for record in records:
+            if len(record.value) > limit:
+                raise RecordTooLarge(
+                    f"event {record.id} is {len(record.value)} bytes; the limit is {limit}"
+                )
         try:
-            await asyncio.wait_for(self._publish(producer, events), timeout=self._timeout)
+            # asyncio.timeout, not wait_for: no extra Task per publish on the hot path.
+            async with asyncio.timeout(self._timeout):
+                await self._publish(producer, records)
         except TimeoutError:
             raise PublishError(f"kafka did not acknowledge within {self._timeout:g}s") from None
         except KafkaError as exc:
             raise PublishError(f"kafka error: {exc!r}") from exc
 
-    async def _publish(self, producer: Any, events: Sequence[Event]) -> None:
-        limit = self._settings.max_message_bytes
+    async def _publish(self, producer: Any, records: Sequence[Record]) -> None:
         topic = self._topic
-        if len(events) == 1:
+        if len(records) == 1:
             # One record: send() lets concurrent single-event requests share a record batch.
-            event = events[0]
-            value = encode_event(event)
-            if len(value) > limit:
-                raise RecordTooLarge(f"event {event.id} is {len(value)} bytes; limit {limit}")
+            record = records[0]
             future = await producer.send(
-                topic, value=value, key=event.partition_key(), headers=record_headers(event)
+                topic,
+                value=record.value,
+                key=record.key,
+                partition=self.partition_for(record.key),
+                headers=record.headers,
             )
             await future
             return
-        # Encode and size-check everything before anything is sent: a request is published whole
-        # or refused whole, never half.
-        values = [encode_event(event) for event in events]
-        for event, value in zip(events, values, strict=True):
-            if len(value) > limit:
-                raise RecordTooLarge(f"event {event.id} is {len(value)} bytes; limit {limit}")
         builders: dict[int, Any] = {}
         futures: list[asyncio.Future[Any]] = []
-        for event, value in zip(events, values, strict=True):
-            key = event.partition_key()
-            partition = self.partition_for(key)
+        for record in records:
+            partition = self.partition_for(record.key)
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()
-            headers = record_headers(event)
-            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
+            if (
+                builder.append(
+                    timestamp=None, key=record.key, value=record.value, headers=record.headers
+                )
+                is None
+            ):
+                futures.append(await self._send_batch(producer, builder, partition))
                 builder = builders[partition] = producer.create_batch()
-                builder.append(timestamp=None, key=key, value=value, headers=headers)
+                builder.append(
+                    timestamp=None, key=record.key, value=record.value, headers=record.headers
+                )
         for partition, builder in builders.items():
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            futures.append(await self._send_batch(producer, builder, partition))
         await asyncio.gather(*futures)
+
+    async def _send_batch(self, producer: Any, builder: Any, partition: int) -> Any:
+        """Queue one record batch, one caller per partition at a time.
+
+        aiokafka 0.14's ``add_batch`` waits for the partition's previous batch to drain and counts
+        its timeout cumulatively across wake-ups, so concurrent callers time out within a second
+        under load (a spurious 503). Queueing here avoids the contention; a timeout from aiokafka
+        means the batch was not enqueued, so trying again is safe, and publish()'s deadline
+        bounds the whole wait.
+        """
+        lock = self._partition_locks.get(partition)
+        if lock is None:
+            lock = self._partition_locks[partition] = asyncio.Lock()
+        async with lock:
+            while True:
+                try:
+                    return await producer.send_batch(builder, self._topic, partition=partition)
+                except KafkaTimeoutError:
+                    continue
 
     async def ready(self) -> tuple[bool, str]:
         """Kafka reachable and the event topic present; cached for a second."""
@@ -279,15 +300,15 @@ class KafkaBus:
 
 
 class MemoryBus:
-    """An in-process bus for fast unit tests: keeps the encoded records, can fail or stall."""
+    """An in-process bus for fast unit tests: keeps the records, can fail or stall."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
+        self.records: list[Record] = []
         self.fail: PublishError | None = None
         self.stall: asyncio.Event | None = None
         self.timeout = 1.0
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, records: Sequence[Record]) -> None:
         if self.stall is not None:
             try:
                 await asyncio.wait_for(self.stall.wait(), timeout=self.timeout)
@@ -295,8 +316,7 @@ class MemoryBus:
                 raise PublishError("memory bus stalled") from None
         if self.fail is not None:
             raise self.fail
-        for event in events:
-            self.records.append((event.partition_key(), encode_event(event), record_headers(event)))
+        self.records.extend(records)
 
     async def ready(self) -> tuple[bool, str]:
         if self.fail is not None:

@@ -17,6 +17,7 @@ content in a canonical encoding, so a re-sent event keeps its id even if it was 
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 
@@ -89,6 +90,7 @@ _MS_THRESHOLD: Final = 100_000_000_000
 # with a schema error rather than overflowing into a 500.
 _MAX_MS: Final = 253_402_300_799_999
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 
 
 class Event(msgspec.Struct, kw_only=True):
@@ -106,8 +108,9 @@ class Event(msgspec.Struct, kw_only=True):
     account_id: str | None = None
     properties: dict[str, Any] = msgspec.field(default_factory=dict)
     context: dict[str, Any] = msgspec.field(default_factory=dict)
-    timestamp: datetime
-    received_at: datetime
+    #: Event time and receive time: integer milliseconds since the Unix epoch (UTC).
+    timestamp: int
+    received_at: int
     raw: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
 
     def partition_key(self) -> bytes:
@@ -215,11 +218,19 @@ def _utc(value: datetime, path: str) -> datetime:
         raise PayloadError(422, "invalid_event", "Datetime out of range in UTC", path) from None
 
 
-def _from_epoch(value: float, unit_ms: bool) -> datetime:
-    # timedelta arithmetic, not fromtimestamp: exact for integer milliseconds and platform-free.
-    if unit_ms:
-        return _EPOCH + timedelta(milliseconds=value)
-    return _EPOCH + timedelta(seconds=value)
+def _epoch_ms(value: float) -> int:
+    """A URL-webhook timestamp (seconds, or milliseconds from 1e11 on) as integer milliseconds."""
+    if value >= _MS_THRESHOLD:
+        return int(value)
+    return round(value * 1000)
+
+
+def datetime_ms(value: datetime) -> int:
+    return (value - _EPOCH) // _ONE_MS
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _optional_id(data: dict[str, Any], key: str, path: str) -> str | None:
@@ -232,7 +243,7 @@ def _optional_id(data: dict[str, Any], key: str, path: str) -> str | None:
 # ---- webhooks ----------------------------------------------------------------------------------
 
 
-def decode_webhook(body: bytes, received_at: datetime) -> Event:
+def decode_webhook(body: bytes, received_at: int) -> Event:
     """Decode one Pendo webhook body (either webhook shape) into the canonical event."""
     try:
         probe = _probe_decoder.decode(body)
@@ -257,7 +268,7 @@ def decode_webhook(body: bytes, received_at: datetime) -> Event:
     )
 
 
-def _from_dotted(hook: DottedWebhook, body: bytes, received_at: datetime) -> Event:
+def _from_dotted(hook: DottedWebhook, body: bytes, received_at: int) -> Event:
     data = hook.data
     visitor_id = _optional_id(data, "visitor_id", "$.data.visitor_id")
     account_id = _optional_id(data, "account_id", "$.data.account_id")
@@ -292,13 +303,13 @@ def _from_dotted(hook: DottedWebhook, body: bytes, received_at: datetime) -> Eve
         account_id=account_id,
         properties=properties,
         context=dict(metadata) if metadata else {},
-        timestamp=_utc(hook.timestamp, "$.timestamp"),
+        timestamp=datetime_ms(_utc(hook.timestamp, "$.timestamp")),
         received_at=received_at,
         raw=msgspec.Raw(body.strip()),
     )
 
 
-def _from_url(hook: UrlWebhook, body: bytes, received_at: datetime) -> Event:
+def _from_url(hook: UrlWebhook, body: bytes, received_at: int) -> Event:
     event_type = URL_EVENT_TYPES.get(hook.event, UNKNOWN_TYPE)
     source_props = hook.properties
     properties: dict[str, Any] = {}
@@ -344,7 +355,7 @@ def _from_url(hook: UrlWebhook, body: bytes, received_at: datetime) -> Event:
         account_id=hook.accountId or None,
         properties=properties,
         context=context,
-        timestamp=_from_epoch(hook.timestamp, hook.timestamp >= _MS_THRESHOLD),
+        timestamp=_epoch_ms(hook.timestamp),
         received_at=received_at,
         raw=msgspec.Raw(body.strip()),
     )
@@ -365,8 +376,88 @@ def _guide_properties(guide: dict[str, Any], step_id: Any, out: dict[str, Any]) 
 # ---- Track API -------------------------------------------------------------------------------
 
 
-def decode_track(body: bytes, received_at: datetime, max_events: int) -> list[Event]:
-    """Decode a Track-API body: one event object or a JSON array of them."""
+class _TrackWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The Track-API schema, with the free-form maps left as raw JSON.
+
+    The ingest never looks inside ``properties`` or ``context``; copying their bytes instead of
+    building Python dicts halves the per-event cost of a batch.
+    """
+
+    type: Literal["track"]
+    event: NonEmptyStr
+    visitorId: NonEmptyStr
+    timestamp: Annotated[int, msgspec.Meta(ge=0, le=_MAX_MS)]
+    context: msgspec.Raw
+    accountId: str | None = None
+    properties: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
+
+
+class _TrackRecord(msgspec.Struct):
+    """Encodes exactly as :class:`Event` does, with the maps passed through as raw JSON."""
+
+    id: str
+    source: str
+    type: str
+    name: str
+    visitor_id: str
+    account_id: str | None
+    properties: msgspec.Raw
+    context: msgspec.Raw
+    timestamp: int
+    received_at: int
+    raw: msgspec.Raw
+
+
+class Record(msgspec.Struct, frozen=True, gc=False):
+    """One Kafka record: the event id, key, value (the encoded canonical event) and headers.
+
+    A Struct without GC tracking: built once per event on the ingest's hot path, where a
+    NamedTuple cost five times as much.
+    """
+
+    id: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+_track_wire_decoder = msgspec.json.Decoder(_TrackWire)
+_track_wire_list_decoder = msgspec.json.Decoder(list[_TrackWire])
+_record_encoder = msgspec.json.Encoder()
+_TRACK_ID_PREFIX: Final = b"pendo-track\0"
+_TRACK_SOURCE_HEADER: Final = ("source", b"track")
+_TRACK_TYPE_HEADER: Final = ("type", b"track.event")
+_OPEN_BRACE: Final = ord("{")
+
+
+def track_id(raw: msgspec.Raw | bytes) -> str:
+    """A Track event's id: SHA-256 of its exact bytes, so a re-sent event keeps its id.
+
+    Unlike webhooks (hashed over a canonical re-encoding), a Track event re-serialised with other
+    key order or spacing gets a new id: hashing the bytes avoids a second encoding per event.
+    """
+    digest = hashlib.sha256(_TRACK_ID_PREFIX)
+    digest.update(raw)
+    return digest.hexdigest()[:40]
+
+
+def to_record(event: Event) -> Record:
+    return Record(
+        event.id,
+        event.partition_key(),
+        _event_encoder.encode(event),
+        [
+            ("event_id", event.id.encode()),
+            ("source", event.source.encode()),
+            ("type", event.type.encode()),
+        ],
+    )
+
+
+def _split_track(
+    body: bytes, max_events: int, one: msgspec.json.Decoder[Any], many: msgspec.json.Decoder[Any]
+) -> tuple[list[Any], list[msgspec.Raw], str]:
+    """The decoded events, each one's exact bytes, and the JSON path prefix of the first."""
     start = body.lstrip()[:1]
     try:
         if start == b"[":
@@ -382,14 +473,9 @@ def decode_track(body: bytes, received_at: datetime, max_events: int) -> list[Ev
                     f"The array holds {len(raws)} events; the limit is {max_events}",
                     "$",
                 )
-            tracks = _track_list_decoder.decode(body)
-            return [
-                _from_track(track, raw, received_at)
-                for track, raw in zip(tracks, raws, strict=True)
-            ]
+            return many.decode(body), raws, "array"
         if start == b"{":
-            track = _track_decoder.decode(body)
-            return [_from_track(track, msgspec.Raw(body.strip()), received_at)]
+            return [one.decode(body)], [msgspec.Raw(body.strip())], "object"
     except msgspec.DecodeError as exc:
         if isinstance(exc, msgspec.ValidationError):
             raise _schema_error(exc) from None
@@ -401,17 +487,67 @@ def decode_track(body: bytes, received_at: datetime, max_events: int) -> list[Ev
     raise PayloadError(422, "invalid_event", "Expected a JSON object or an array of objects", "$")
 
 
-def _from_track(track: TrackEvent, raw: msgspec.Raw, received_at: datetime) -> Event:
-    return Event(
-        id=content_id(b"pendo-track\0", track),
-        source=SOURCE_TRACK,
-        type="track.event",
-        name=track.event,
-        visitor_id=track.visitorId,
-        account_id=track.accountId or None,
-        properties=track.properties,
-        context=track.context,
-        timestamp=_from_epoch(track.timestamp, True),
-        received_at=received_at,
-        raw=raw,
+def track_records(body: bytes, received_at: int, max_events: int) -> list[Record]:
+    """The ingest's fast path: a Track-API body straight to Kafka records."""
+    tracks, raws, shape = _split_track(
+        body, max_events, _track_wire_decoder, _track_wire_list_decoder
     )
+    records: list[Record] = []
+    encode = _record_encoder.encode
+    for index, (track, raw) in enumerate(zip(tracks, raws, strict=True)):
+        context, properties = track.context, track.properties
+        # Raw fields are not type-checked by msgspec: both must be JSON objects. A Raw value is
+        # never empty and starts at its first significant byte.
+        if memoryview(context)[0] != _OPEN_BRACE or memoryview(properties)[0] != _OPEN_BRACE:
+            name = "context" if memoryview(context)[0] != _OPEN_BRACE else "properties"
+            prefix = f"$[{index}]" if shape == "array" else "$"
+            raise PayloadError(422, "invalid_event", "Expected object", f"{prefix}.{name}")
+        event_id = track_id(raw)
+        visitor = track.visitorId
+        records.append(
+            Record(
+                event_id,
+                visitor.encode(),
+                encode(
+                    _TrackRecord(
+                        event_id,
+                        SOURCE_TRACK,
+                        "track.event",
+                        track.event,
+                        visitor,
+                        track.accountId or None,
+                        properties,
+                        context,
+                        track.timestamp,
+                        received_at,
+                        raw,
+                    )
+                ),
+                [("event_id", event_id.encode()), _TRACK_SOURCE_HEADER, _TRACK_TYPE_HEADER],
+            )
+        )
+    return records
+
+
+def decode_track(body: bytes, received_at: int, max_events: int) -> list[Event]:
+    """Decode a Track-API body into canonical events (for rule tests and tools).
+
+    Same validation, ids and values as :func:`track_records`, with the maps as Python dicts.
+    """
+    tracks, raws, _ = _split_track(body, max_events, _track_decoder, _track_list_decoder)
+    return [
+        Event(
+            id=track_id(raw),
+            source=SOURCE_TRACK,
+            type="track.event",
+            name=track.event,
+            visitor_id=track.visitorId,
+            account_id=track.accountId or None,
+            properties=track.properties,
+            context=track.context,
+            timestamp=track.timestamp,
+            received_at=received_at,
+            raw=raw,
+        )
+        for track, raw in zip(tracks, raws, strict=True)
+    ]

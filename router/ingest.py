@@ -15,7 +15,6 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -26,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from router import signature
 from router.bus import EventBus, KafkaBus, PublishError, RecordTooLarge
-from router.events import Event, PayloadError, decode_track, decode_webhook
+from router.events import PayloadError, Record, decode_webhook, now_ms, to_record, track_records
 from router.metrics import IngestMetrics
 from router.settings import Settings
 
@@ -135,12 +134,11 @@ async def webhook_handler(request: web.Request) -> web.Response:
             "Signature does not match the request body for any configured secret",
             "signature_mismatch",
         )
-    received_at = datetime.now(UTC)
     try:
-        event = decode_webhook(body, received_at)
+        record = to_record(decode_webhook(body, now_ms()))
     except PayloadError as exc:
         raise Rejected(json_response(exc.status, exc.to_dict()), exc.code) from None
-    return await _publish(request, [event], "webhook")
+    return await _publish(request, [record], "webhook")
 
 
 async def track_handler(request: web.Request) -> web.Response:
@@ -152,12 +150,11 @@ async def track_handler(request: web.Request) -> web.Response:
         raise _unauthorized(f"Unknown {INTEGRATION_KEY_HEADER}", "key_mismatch")
     _require_json(request)
     body = await _read_body(request)
-    received_at = datetime.now(UTC)
     try:
-        events = decode_track(body, received_at, state.max_batch_events)
+        records = track_records(body, now_ms(), state.max_batch_events)
     except PayloadError as exc:
         raise Rejected(json_response(exc.status, exc.to_dict()), exc.code) from None
-    return await _publish(request, events, "track")
+    return await _publish(request, records, "track")
 
 
 def _key_matches(keys: Sequence[bytes], given: bytes) -> bool:
@@ -167,7 +164,7 @@ def _key_matches(keys: Sequence[bytes], given: bytes) -> bool:
     return matched
 
 
-async def _publish(request: web.Request, events: list[Event], source: str) -> web.Response:
+async def _publish(request: web.Request, records: list[Record], source: str) -> web.Response:
     app = request.app
     state = app[STATE]
     metrics = app[METRICS]
@@ -184,13 +181,13 @@ async def _publish(request: web.Request, events: list[Event], source: str) -> we
     state.inflight += 1
     started = time.perf_counter()
     try:
-        await app[BUS].publish(events)
+        await app[BUS].publish(records)
     except RecordTooLarge as exc:
         raise Rejected(
             error_response(413, "event_too_large", str(exc)), "event_too_large"
         ) from None
     except PublishError as exc:
-        log.warning("publish of %d event(s) failed: %s", len(events), exc)
+        log.warning("publish of %d event(s) failed: %s", len(records), exc)
         raise Rejected(
             error_response(
                 503,
@@ -203,8 +200,8 @@ async def _publish(request: web.Request, events: list[Event], source: str) -> we
     finally:
         state.inflight -= 1
         metrics.produce_seconds.observe(time.perf_counter() - started)
-    metrics.events_accepted.labels(source).inc(len(events))
-    return json_response(200, {"accepted": len(events), "ids": [e.id for e in events]})
+    metrics.accepted(source).inc(len(records))
+    return json_response(200, {"accepted": len(records), "ids": [r.id for r in records]})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -240,7 +237,7 @@ async def _outcome_middleware(request: web.Request, handler: _Handler) -> web.St
     try:
         response = await handler(request)
     except Rejected as rejected:
-        metrics.rejected.labels(route_name, rejected.reason).inc()
+        metrics.rejection(route_name, rejected.reason).inc()
         response = rejected.response
     except web.HTTPException as exc:
         if exc.status >= 400:
@@ -250,7 +247,7 @@ async def _outcome_middleware(request: web.Request, handler: _Handler) -> web.St
                     response.headers[name] = exc.headers[name]
         else:
             raise
-    metrics.requests.labels(route_name, str(response.status)).inc()
+    metrics.request(route_name, str(response.status)).inc()
     return response
 
 

@@ -11,14 +11,23 @@ import pytest
 from router.events import (
     Event,
     PayloadError,
+    datetime_ms,
     decode_event,
     decode_track,
     decode_webhook,
     encode_event,
+    to_record,
+    track_records,
 )
 from tests.fixtures import PENDO_FIXTURES, fixture_paths, webhook_fixture_paths
 
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+def ms(*args: int) -> int:
+    """Milliseconds since the epoch for a UTC date-time given as datetime's arguments."""
+    return datetime_ms(datetime(*args, tzinfo=UTC))  # type: ignore[arg-type,misc]
+
+
+NOW = ms(2026, 11, 28, 12, 0)
 
 
 def same_event(a: Event, b: Event) -> bool:
@@ -39,7 +48,7 @@ def test_dotted_guide_viewed() -> None:
     assert event.account_id == "account_456"
     assert event.properties == {"guide_id": "ABC123", "guide_name": "Feature Announcement"}
     assert event.context == {"browser": "Chrome", "platform": "web"}
-    assert event.timestamp == datetime(2024, 1, 15, 14, 30, tzinfo=UTC)
+    assert event.timestamp == ms(2024, 1, 15, 14, 30)
     assert event.received_at == NOW
     assert len(event.id) == 40
 
@@ -101,7 +110,7 @@ def test_dotted_track_event_takes_its_name_and_properties() -> None:
     assert event.name == "custom_feature_used"
     assert event.properties == {"feature_name": "advanced_reporting", "usage_count": 5}
     assert event.context == {}
-    assert event.timestamp == datetime(2024, 1, 16, 11, 0, tzinfo=UTC)
+    assert event.timestamp == ms(2024, 1, 16, 11, 0)
 
 
 def test_url_guide_displayed_is_normalised_like_the_dotted_shape() -> None:
@@ -119,7 +128,7 @@ def test_url_guide_displayed_is_normalised_like_the_dotted_shape() -> None:
     assert event.context["app"] == {"id": -323232, "name": "test_application", "platform": "web"}
     assert event.context["user_agent"] == "Mozilla/5.0 (X11; Linux x86_64)"
     # URL-webhook timestamps are seconds.
-    assert event.timestamp == datetime(2024, 1, 15, 14, 30, tzinfo=UTC)
+    assert event.timestamp == ms(2024, 1, 15, 14, 30)
 
 
 def test_url_nps_and_poll() -> None:
@@ -140,7 +149,7 @@ def test_url_track_event() -> None:
     assert event.name == "Account Upgraded"
     assert event.properties == {"fromTier": "basic", "toTier": "pro"}
     assert event.context["source"] == "web"
-    assert event.timestamp == datetime(2021, 7, 20, 18, 2, 24, tzinfo=UTC)
+    assert event.timestamp == ms(2021, 7, 20, 18, 2, 24)
 
 
 def test_track_single_and_batch() -> None:
@@ -149,11 +158,11 @@ def test_track_single_and_batch() -> None:
     assert single.type == "track.event"
     assert single.name == "custom_feature_used"
     assert single.context["ip"] == "203.0.113.7"
-    assert single.timestamp == datetime(2022, 1, 1, tzinfo=UTC)  # milliseconds
+    assert single.timestamp == ms(2022, 1, 1)  # milliseconds
     batch = decode_track(load("track", "batch.json"), NOW, 500)
     assert [e.name for e in batch] == ["custom_feature_used", "purchase_completed"]
     assert batch[1].properties["amount"] == 99.99
-    assert batch[1].timestamp == datetime(2022, 1, 1, 0, 1, tzinfo=UTC)
+    assert batch[1].timestamp == ms(2022, 1, 1, 0, 1)
 
 
 @pytest.mark.parametrize("path", webhook_fixture_paths(), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -184,7 +193,7 @@ def _reserialised(body: bytes) -> bytes:
 def test_content_id_is_stable_across_resending_and_reserialising(name: str) -> None:
     body = load("webhook-dotted", name)
     first = decode_webhook(body, NOW)
-    later = decode_webhook(body, datetime(2030, 1, 1, tzinfo=UTC))
+    later = decode_webhook(body, ms(2030, 1, 1))
     reencoded = decode_webhook(_reserialised(body), NOW)
     assert first.id == later.id == reencoded.id
 
@@ -199,7 +208,7 @@ def test_content_id_changes_with_content() -> None:
 def test_track_ids_stable_and_distinct_within_a_batch() -> None:
     body = load("track", "batch.json")
     a = [e.id for e in decode_track(body, NOW, 500)]
-    b = [e.id for e in decode_track(_reserialised(body), NOW, 500)]
+    b = [e.id for e in decode_track(body, NOW + 1000, 500)]
     assert a == b
     assert len(set(a)) == 2
 
@@ -232,7 +241,7 @@ def test_other_known_url_kinds() -> None:
 
 def test_url_timestamp_in_milliseconds_is_recognised() -> None:
     event = decode_webhook(b'{"event":"guideDisplayed","timestamp":1705329000123}', NOW)
-    assert event.timestamp == datetime(2024, 1, 15, 14, 30, 0, 123000, tzinfo=UTC)
+    assert event.timestamp == ms(2024, 1, 15, 14, 30, 0, 123000)
 
 
 def test_naive_dotted_timestamp_is_utc_and_offsets_are_normalised() -> None:
@@ -242,8 +251,7 @@ def test_naive_dotted_timestamp_is_utc_and_offsets_are_normalised() -> None:
     offset = decode_webhook(
         b'{"event_type":"guide.viewed","timestamp":"2024-01-15T16:30:00+02:00","data":{}}', NOW
     )
-    assert naive.timestamp == offset.timestamp == datetime(2024, 1, 15, 14, 30, tzinfo=UTC)
-    assert naive.timestamp.tzinfo is UTC
+    assert naive.timestamp == offset.timestamp == ms(2024, 1, 15, 14, 30)
 
 
 def test_partition_key_prefers_visitor() -> None:
@@ -343,3 +351,39 @@ def test_event_envelope_is_tolerant_of_new_fields() -> None:
         msgspec.structs.replace(again, raw=no_raw), msgspec.structs.replace(event, raw=no_raw)
     )
     assert json.loads(bytes(again.raw)) == json.loads(bytes(event.raw))
+
+
+@pytest.mark.parametrize("path", fixture_paths("track"), ids=lambda p: p.name)
+def test_fast_track_records_match_the_canonical_events(path: object) -> None:
+    """The ingest's raw-passthrough path and the dict path agree on id, key, headers and value."""
+    body = path.read_bytes()  # type: ignore[attr-defined]
+    fast = track_records(body, NOW, 500)
+    slow = [to_record(e) for e in decode_track(body, NOW, 500)]
+    assert [r.id for r in fast] == [r.id for r in slow]
+    assert [r.key for r in fast] == [r.key for r in slow]
+    assert [r.headers for r in fast] == [r.headers for r in slow]
+    for a, b in zip(fast, slow, strict=True):
+        assert msgspec.json.decode(a.value) == msgspec.json.decode(b.value)
+        assert same_event(decode_event(a.value), decode_event(b.value))
+
+
+def test_fast_track_path_checks_the_maps_are_objects() -> None:
+    for field in ("context", "properties"):
+        bad = [TRACK_OK, {**TRACK_OK, field: [1]}]
+        with pytest.raises(PayloadError) as info:
+            track_records(json.dumps(bad).encode(), NOW, 5)
+        assert (info.value.status, info.value.path) == (422, f"$[1].{field}")
+        with pytest.raises(PayloadError) as info:
+            decode_track(json.dumps(bad).encode(), NOW, 5)
+        assert (info.value.status, info.value.path) == (422, f"$[1].{field}")
+        with pytest.raises(PayloadError) as info:
+            track_records(json.dumps({**TRACK_OK, field: None}).encode(), NOW, 5)
+        assert info.value.path == f"$.{field}"
+
+
+def test_track_id_is_the_hash_of_the_exact_bytes() -> None:
+    compact = json.dumps(TRACK_OK, separators=(",", ":")).encode()
+    spaced = json.dumps(TRACK_OK).encode()
+    assert track_records(compact, NOW, 1)[0].id == track_records(compact, NOW + 5, 1)[0].id
+    # Documented trade-off: a re-serialised Track event is a new event.
+    assert track_records(compact, NOW, 1)[0].id != track_records(spaced, NOW, 1)[0].id

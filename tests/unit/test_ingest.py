@@ -82,12 +82,12 @@ async def test_every_webhook_fixture_is_accepted(
     assert response.status == 200, await response.text()
     result = await response.json()
     assert result["accepted"] == 1
-    (key, value, headers) = bus.records[-1]
-    event = decode_event(value)
-    assert result["ids"] == [event.id]
-    assert dict(headers)["event_id"] == event.id.encode()
-    assert dict(headers)["source"] == b"webhook"
-    assert key == (event.visitor_id or event.account_id or event.id).encode()
+    record = bus.records[-1]
+    event = decode_event(record.value)
+    assert result["ids"] == [event.id] == [record.id]
+    assert dict(record.headers)["event_id"] == event.id.encode()
+    assert dict(record.headers)["source"] == b"webhook"
+    assert record.key == (event.visitor_id or event.account_id or event.id).encode()
     assert bytes(event.raw) == body.strip()
 
 
@@ -268,7 +268,7 @@ async def test_track_fixtures_are_accepted(
     expected = json.loads(body)
     count = len(expected) if isinstance(expected, list) else 1
     assert result["accepted"] == count
-    events = [decode_event(value) for _, value, _ in bus.records]
+    events = [decode_event(record.value) for record in bus.records]
     assert [e.id for e in events] == result["ids"]
     assert all(e.source == "track" for e in events)
 
