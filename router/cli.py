@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="with -n, give up after this many idle seconds",
     )
+    rules = sub.add_parser("rules", help="check and test rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    rules_check = rules_sub.add_parser(
+        "check", help="validate rule files; one line per problem (file:line: path: reason)"
+    )
+    rules_check.add_argument("paths", nargs="*", help="rule files or directories (rules.dir)")
+    rules_test = rules_sub.add_parser("test", help="run the rule files' test cases")
+    rules_test.add_argument("paths", nargs="*", help="rule files or directories (rules.dir)")
+    rules_sub.add_parser("schema", help="print the JSON Schema of rule files")
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("check", help="validate the configuration and print it, secrets masked")
@@ -157,6 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_tail(settings, args.from_beginning, args.count, args.idle_timeout))
         except KeyboardInterrupt:
             return 130
+    if args.command == "rules":
+        from router.rules import commands  # keep `router --help` fast
+
+        if args.rules_command == "check":
+            return commands.run_check(args.paths, settings.rules.dir)
+        if args.rules_command == "test":
+            return commands.run_tests(args.paths, settings.rules.dir)
+        sys.stdout.buffer.write(commands.schema())
+        return 0
     if args.command == "config":
         sys.stdout.write(msgspec.yaml.encode(_masked(settings)).decode())
         return 0

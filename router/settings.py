@@ -92,9 +92,17 @@ class IngestSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_timeout_s: float = 30.0
 
 
+class RulesSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # The directory of rule files (<sink>.yaml) and their tests (tests/<sink>*.yaml).
+    dir: str = "rules"
+    # How often a long-running consumer looks for changed rule files (SIGHUP reloads at once).
+    reload_interval_s: float = 2.0
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+    rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
     log_level: str = "INFO"
 
 

@@ -1,0 +1,100 @@
+"""``router rules check|test|schema``: what an analyst runs before shipping a rule change."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+
+from router.rules.loader import LoadedRules, load_rules, rule_paths
+from router.rules.model import RuleFile, TestFile
+from router.rules.testing import run_test
+
+
+def _targets(paths: Sequence[str], default_dir: str, err: TextIO) -> list[Path] | None:
+    targets = [Path(p) for p in paths] if paths else [Path(default_dir)]
+    missing = [t for t in targets if not t.exists()]
+    if missing:
+        for target in missing:
+            err.write(f"{target}: no such file or directory\n")
+        return None
+    found = rule_paths(targets)
+    if not found:
+        err.write(f"no rule files (*.yaml) in {', '.join(map(str, targets))}\n")
+        return None
+    return found
+
+
+def run_check(paths: Sequence[str], default_dir: str, out: TextIO = sys.stdout) -> int:
+    """Exit 0 when every file is valid; otherwise one line per problem and exit 1."""
+    files = _targets(paths, default_dir, out)
+    if files is None:
+        return 1
+    failed = False
+    for path in files:
+        loaded = load_rules(path)
+        if loaded.problems:
+            failed = True
+            for problem in loaded.problems:
+                out.write(f"{problem}\n")
+        else:
+            out.write(_ok_line(loaded))
+    return 1 if failed else 0
+
+
+def _ok_line(loaded: LoadedRules) -> str:
+    assert loaded.ruleset is not None
+    rules = len(loaded.ruleset.rules)
+    return (
+        f"ok {loaded.path}: {rules} rule{'s' if rules != 1 else ''}, "
+        f"{len(loaded.tests)} tests, ruleset {loaded.ruleset.hash}\n"
+    )
+
+
+def run_tests(paths: Sequence[str], default_dir: str, out: TextIO = sys.stdout) -> int:
+    """Run every rule test; a diff per mismatch, a summary line, exit 1 on any failure."""
+    files = _targets(paths, default_dir, out)
+    if files is None:
+        return 1
+    passed = failed = 0
+    for path in files:
+        loaded = load_rules(path)
+        if loaded.ruleset is None:
+            failed += 1
+            out.write(f"FAIL {path}: the rules do not pass check:\n")
+            for problem in loaded.problems:
+                out.write(f"  {problem}\n")
+            continue
+        if not loaded.tests:
+            failed += 1
+            out.write(f"FAIL {path}: no tests (add tests: to the file or rules/tests/)\n")
+            continue
+        for test_path, case, where in loaded.tests:
+            result = run_test(loaded.ruleset, test_path, case, where)
+            if result.passed:
+                passed += 1
+                continue
+            failed += 1
+            out.write(f"FAIL {test_path} {where} {case.name!r}\n")
+            for detail in result.details:
+                out.write(f"  {detail}\n")
+    out.write(f"rule tests: {passed} passed, {failed} failed\n")
+    return 1 if failed or not passed else 0
+
+
+def schema() -> bytes:
+    """JSON Schema of rule and test files, for editors (checked in: docs/rules.schema.json)."""
+    (rule_file, test_file), components = msgspec.json.schema_components(
+        [RuleFile, TestFile], ref_template="#/$defs/{name}"
+    )
+    document = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "pendo-event-router rule file",
+        "description": "rules/<sink>.yaml (or rules/tests/<sink>*.yaml for extra tests)",
+        "anyOf": [rule_file, test_file],
+        "$defs": components,
+    }
+    return msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n"

@@ -1,0 +1,268 @@
+"""Loading rule files: YAML to Structs to a compiled RuleSet, with every problem located.
+
+Every problem is reported as ``rules/ga4.yaml:14: $.rules[2].map.name: <reason>``: the file, the
+line (from PyYAML's node marks) and the JSON path of the offending value. msgspec reports values
+inside a mapping as ``[...]``; the loader re-validates each entry to name the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+import sinks
+from router.errors import validation_error_parts
+from router.rules.engine import Problem, RuleSet, compile_file
+from router.rules.model import Directive, Rule, RuleFile, RuleTest, TestFile
+
+_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.path}: {self.message}"
+
+
+@dataclass
+class LoadedRules:
+    """One sink's rule file and its test files, compiled; usable when ``problems`` is empty."""
+
+    sink: str
+    path: Path
+    ruleset: RuleSet | None
+    rule_file: RuleFile | None
+    tests: list[tuple[Path, RuleTest, str]] = field(default_factory=list)
+    problems: list[FileProblem] = field(default_factory=list)
+    sources: list[Path] = field(default_factory=list)
+
+
+def _tokens(path: str) -> list[str | int]:
+    return [int(index) if index else key for key, index in _TOKEN.findall(path.removeprefix("$"))]
+
+
+def line_of(root: yaml.Node | None, path: str) -> int | None:
+    """The 1-based line of the deepest node on ``path`` (a key's line for mapping entries)."""
+    if root is None:
+        return None
+    node: yaml.Node = root
+    line = node.start_mark.line + 1
+    for token in _tokens(path):
+        if isinstance(node, yaml.MappingNode) and isinstance(token, str):
+            for key_node, value_node in node.value:
+                if key_node.value == token:
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(token, int):
+            if token >= len(node.value):
+                return line
+            node = node.value[token]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _duplicate_keys(node: yaml.Node | None, path: str = "$") -> list[tuple[str, str]]:
+    """PyYAML keeps the last of two equal keys silently; a rule file must not rely on that."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                found.append((f"{path}.{key}", f"duplicate key {key!r}"))
+            seen.add(key)
+            found.extend(_duplicate_keys(value_node, f"{path}.{key}"))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found.extend(_duplicate_keys(item, f"{path}[{index}]"))
+    return found
+
+
+def _walk(data: Any, path: str) -> Any:
+    for token in _tokens(path):
+        if isinstance(data, dict) and isinstance(token, str):
+            data = data.get(token)
+        elif isinstance(data, list) and isinstance(token, int) and token < len(data):
+            data = data[token]
+        else:
+            return None
+    return data
+
+
+def _locate(data: Any, exc: msgspec.ValidationError, prefix: str = "$") -> tuple[str, str]:
+    """Message and exact path of a validation error, naming the map key msgspec leaves as [...]."""
+    message, path = validation_error_parts(exc, prefix)
+    while "[...]" in path:
+        prefix = path.split("[...]", 1)[0]
+        container = _walk(data, prefix)
+        if not isinstance(container, dict):
+            break
+        for key, value in container.items():
+            try:
+                msgspec.convert(value, Directive)
+            except msgspec.ValidationError as inner:
+                inner_message, inner_path = validation_error_parts(inner)
+                message, path = inner_message, f"{prefix}.{key}{inner_path[1:]}"
+                break
+        else:
+            break
+    return message, path
+
+
+def _schema_problems(data: Any, exc: msgspec.ValidationError) -> list[tuple[str, str]]:
+    """Every rule and test that does not fit the schema, not only the first one msgspec hit."""
+    found: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        for key, item_type in (("rules", Rule), ("tests", RuleTest)):
+            items = data.get(key)
+            if not isinstance(items, list):
+                continue
+            for index, item in enumerate(items):
+                try:
+                    msgspec.convert(item, item_type)
+                except msgspec.ValidationError as inner:
+                    found.append(_locate(data, inner, f"$.{key}[{index}]"))
+        if found:
+            shell = {**data, "rules": [], "tests": []}
+            try:
+                msgspec.convert(shell, RuleFile)
+            except msgspec.ValidationError as inner:
+                found.insert(0, _locate(shell, inner))
+            return found
+    return [_locate(data, exc)]
+
+
+def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> tuple[Any, yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(FileProblem(label, None, "$", f"cannot read: {exc}"))
+        return None, None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        problems.append(FileProblem(label, line, "$", f"not valid YAML: {reason}"))
+        return None, None
+    for dup_path, reason in _duplicate_keys(root):
+        problems.append(FileProblem(label, line_of(root, dup_path), dup_path, reason))
+    return data, root
+
+
+def _label(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_rules(path: Path) -> LoadedRules:
+    """Load, compile and check one rule file and the test files beside it (rules/tests/)."""
+    label = _label(path)
+    sink = path.stem
+    loaded = LoadedRules(sink=sink, path=path, ruleset=None, rule_file=None, sources=[path])
+    problems = loaded.problems
+    data, root = _read_yaml(path, label, problems)
+    if data is None and root is None:
+        if not problems:
+            problems.append(FileProblem(label, None, "$", "the file is empty"))
+        return loaded
+    try:
+        rule_file = msgspec.convert(data, RuleFile)
+    except msgspec.ValidationError as exc:
+        for message, where in _schema_problems(data, exc):
+            problems.append(FileProblem(label, line_of(root, where), where, message))
+        return loaded
+    loaded.rule_file = rule_file
+    outputs = sinks.OUTPUTS.get(rule_file.sink)
+    if outputs is None:
+        problems.append(
+            FileProblem(
+                label,
+                line_of(root, "$.sink"),
+                "$.sink",
+                f"unknown sink {rule_file.sink!r}; known: {', '.join(sinks.OUTPUTS)}",
+            )
+        )
+        return loaded
+    if rule_file.sink != sink:
+        problems.append(
+            FileProblem(
+                label,
+                line_of(root, "$.sink"),
+                "$.sink",
+                f"the file for sink {rule_file.sink!r} must be named {rule_file.sink}.yaml",
+            )
+        )
+    parts = [path.read_bytes()]
+    test_paths = sorted((path.parent / "tests").glob(f"{sink}*.yaml"))
+    for test_path in test_paths:
+        parts.append(test_path.read_bytes())
+    ruleset, found = compile_file(rule_file, outputs, parts)
+    problems.extend(_located(label, root, found))
+    loaded.tests = [(path, test, f"$.tests[{i}]") for i, test in enumerate(rule_file.tests)]
+    for test_path in test_paths:
+        loaded.sources.append(test_path)
+        _load_test_file(test_path, sink, loaded)
+    if not problems:
+        loaded.ruleset = ruleset
+    return loaded
+
+
+def _located(label: str, root: yaml.Node | None, found: Sequence[Problem]) -> list[FileProblem]:
+    return [FileProblem(label, line_of(root, p.path), p.path, p.message) for p in found]
+
+
+def _load_test_file(path: Path, sink: str, loaded: LoadedRules) -> None:
+    label = _label(path)
+    data, root = _read_yaml(path, label, loaded.problems)
+    if data is None:
+        return
+    try:
+        test_file = msgspec.convert(data, TestFile)
+    except msgspec.ValidationError as exc:
+        message, where = validation_error_parts(exc)
+        loaded.problems.append(FileProblem(label, line_of(root, where), where, message))
+        return
+    if test_file.sink != sink:
+        loaded.problems.append(
+            FileProblem(
+                label,
+                line_of(root, "$.sink"),
+                "$.sink",
+                f"tests for sink {test_file.sink!r} found beside the {sink} rules",
+            )
+        )
+        return
+    loaded.tests.extend((path, test, f"$.tests[{i}]") for i, test in enumerate(test_file.tests))
+
+
+def rule_paths(targets: Sequence[Path]) -> list[Path]:
+    """Rule files named by the CLI: files as given, directories expanded to their *.yaml."""
+    paths: list[Path] = []
+    for target in targets:
+        if target.is_dir():
+            paths.extend(sorted(target.glob("*.yaml")))
+        else:
+            paths.append(target)
+    return paths
