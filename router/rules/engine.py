@@ -17,7 +17,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -347,10 +347,15 @@ def _compile_order(
 
 
 def _parse_datetime(text: str) -> datetime | None:
+    """An ISO 8601 date-time (no zone = UTC), or a bare date meaning its midnight UTC."""
     try:
         value = msgspec.convert(text, datetime)
     except msgspec.ValidationError:
-        return None
+        try:
+            day = msgspec.convert(text, date)
+        except msgspec.ValidationError:
+            return None
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
@@ -427,7 +432,10 @@ def _to_int(value: Any) -> int:
             return int(value.strip())
         except ValueError:
             pass
-        number = float(value)
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
         if number.is_integer():
             return int(number)
     raise ValueError(f"{value!r} does not convert to an integer")

@@ -78,15 +78,17 @@ def line_of(root: yaml.Node | None, path: str) -> int | None:
     return line
 
 
-def _duplicate_keys(node: yaml.Node | None, path: str = "$") -> list[tuple[str, str]]:
+def _duplicate_keys(node: yaml.Node | None, path: str = "$") -> list[tuple[str, int, str]]:
     """PyYAML keeps the last of two equal keys silently; a rule file must not rely on that."""
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, int, str]] = []
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
             if key in seen:
-                found.append((f"{path}.{key}", f"duplicate key {key!r}"))
+                found.append(
+                    (f"{path}.{key}", key_node.start_mark.line + 1, f"duplicate key {key!r}")
+                )
             seen.add(key)
             found.extend(_duplicate_keys(value_node, f"{path}.{key}"))
     elif isinstance(node, yaml.SequenceNode):
@@ -164,8 +166,8 @@ def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> tuple[Any
         reason = getattr(exc, "problem", None) or str(exc)
         problems.append(FileProblem(label, line, "$", f"not valid YAML: {reason}"))
         return None, None
-    for dup_path, reason in _duplicate_keys(root):
-        problems.append(FileProblem(label, line_of(root, dup_path), dup_path, reason))
+    for dup_path, line, reason in _duplicate_keys(root):
+        problems.append(FileProblem(label, line, dup_path, reason))
     return data, root
 
 
