@@ -74,7 +74,7 @@ class Batcher(Generic[T]):
         return [self._close(k) for k in list(self._open)]
 
     def remove(self, keep: Sequence[T]) -> list[T]:
-        """Drop open items not in ``keep`` (their partition was revoked); returns what was dropped."""
+        """Drop open items not in ``keep`` (their partition was revoked); return the dropped."""
         kept = set(map(id, keep))
         dropped: list[T] = []
         for key in list(self._open):

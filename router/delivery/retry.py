@@ -81,7 +81,7 @@ class RetryPolicy:
     ) -> float:
         """Seconds before attempt number ``attempt + 1`` (``attempt`` >= 1 failed so far)."""
         ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
-        jittered = (rng or random).uniform(0, ceiling)  # noqa: S311  (jitter, not crypto)
+        jittered = (rng or random).uniform(0, ceiling)
         if retry_after is not None:
             return max(min(retry_after, self.max_retry_after_s), jittered)
         return jittered
