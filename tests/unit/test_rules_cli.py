@@ -1,0 +1,261 @@
+"""`router rules check|test|schema`: located problems, diffs, summary lines and exit codes."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.rules.commands import run_check, run_tests, schema
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+sink: slack
+rules:
+  - id: detractors
+    when: {path: properties.score, lte: 6}
+    map:
+      text: {template: "Detractor {visitor_id}: {properties.comment}"}
+      channel: {const: "#product-insights"}
+tests:
+  - name: a detractor is announced
+    event: {type: nps.response, visitor_id: v1, properties: {score: 2, comment: slow}}
+    expect:
+      detractors: {text: "Detractor v1: slow", channel: "#product-insights"}
+  - name: promoters are not
+    event: {type: nps.response, visitor_id: v1, properties: {score: 9}}
+    expect: {}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / "rules" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def check(*paths: Path) -> tuple[int, list[str]]:
+    out = io.StringIO()
+    code = run_check([str(p) for p in paths], "rules", out)
+    return code, out.getvalue().splitlines()
+
+
+def rule_tests(*paths: Path) -> tuple[int, str]:
+    out = io.StringIO()
+    code = run_tests([str(p) for p in paths], "rules", out)
+    return code, out.getvalue()
+
+
+def test_valid_file_checks_ok(tmp_path: Path) -> None:
+    path = write(tmp_path, "slack.yaml", GOOD)
+    code, lines = check(path)
+    assert code == 0
+    assert len(lines) == 1
+    assert lines[0].startswith(f"ok {path}: 1 rule, 2 tests, ruleset ")
+
+
+def test_problems_are_one_line_each_with_file_line_and_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "ga4.yaml",
+        """\
+sink: ga4
+rules:
+  - id: guides
+    when: {path: type, matches: "guide(("}
+    map:
+      name: {const: Guide Viewed}
+      client_id: {path: visitor_id}
+      params:
+        fields:
+          email: {path: properties.email}
+          label: {template: "no placeholders"}
+          x: {path: properties.x, transform: [lowercase]}
+  - id: guides
+    map:
+      name: {const: guide_viewed}
+      client_id: {path: visitor_id}
+""",
+    )
+    code, lines = check(path)
+    assert code == 1
+    p = str(path)
+    assert lines == [
+        f"{p}:4: $.rules[0].when.matches: invalid regular expression 'guide((': "
+        "missing ), unterminated subpattern at position 6",
+        f"{p}:11: $.rules[0].map.params.fields.label.template: template names no path; "
+        "use const for fixed text",
+        f"{p}:12: $.rules[0].map.params.fields.x.transform[0]: unknown transform 'lowercase'; "
+        "known: lower, sha256, to_float, to_int, to_iso8601, to_str, to_unix_ms, to_unix_s, "
+        "trim, upper, truncate",
+        f"{p}:6: $.rules[0].map.name: can never be valid: event name 'Guide Viewed': only "
+        "letters, digits and _, starting with a letter (GA4 drops it otherwise)",
+        f"{p}:10: $.rules[0].map.params.fields.email: field 'email' must never reach ga4 (policy)",
+        f"{p}:10: $.rules[0].map.params.fields.email.path: 'properties.email' must never reach "
+        "ga4 (policy)",
+        f"{p}:13: $.rules[1].id: duplicate rule id 'guides' (first at rules[0])",
+    ]
+
+
+def test_schema_errors_name_the_map_key_and_every_broken_rule(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "segment.yaml",
+        """\
+sink: segment
+rules:
+  - id: one
+    map:
+      event: {pth: name}
+  - id: Two Words
+    map:
+      event: {path: name}
+  - id: three
+    map:
+      userId: {path: visitor_id, fields: {a: {cnst: 1}}}
+""",
+    )
+    code, lines = check(path)
+    assert code == 1
+    p = str(path)
+    assert lines == [
+        f"{p}:5: $.rules[0].map.event.pth: Object contains unknown field pth",
+        f"{p}:6: $.rules[1].id: Expected str matching regex '^[a-z0-9][a-z0-9_.-]{{0,62}}$'",
+        f"{p}:11: $.rules[2].map.userId.fields.a.cnst: Object contains unknown field cnst",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("slack.yaml", "sink: slack\nrules: [\n", ":3: $: not valid YAML"),
+        ("slack.yaml", "", ": $: the file is empty"),
+        ("slack.yaml", "sink: slack\nsink: slack\nrules: []\n", ":2: $.sink: duplicate key 'sink'"),
+        ("slack.yaml", "sink: nope\nrules: []\n", ":1: $.sink: unknown sink 'nope'"),
+        ("mixpanel.yaml", GOOD, ":1: $.sink: the file for sink 'slack' must be named slack.yaml"),
+        (
+            "slack.yaml",
+            "sink: slack\nrules: []\nextra: 1\n",
+            ":3: $.extra: Object contains unknown field extra",
+        ),
+    ],
+)
+def test_file_level_problems(tmp_path: Path, name: str, text: str, expected: str) -> None:
+    path = write(tmp_path, name, text)
+    code, lines = check(path)
+    assert code == 1
+    assert any(line.startswith(str(path)) and expected in line for line in lines), lines
+
+
+def test_directory_is_expanded_and_missing_paths_are_errors(tmp_path: Path) -> None:
+    write(tmp_path, "slack.yaml", GOOD)
+    code, lines = check(tmp_path / "rules")
+    assert code == 0
+    assert len(lines) == 1
+    code, lines = check(tmp_path / "absent")
+    assert code == 1
+    assert "no such file or directory" in lines[0]
+
+
+def test_rule_tests_pass_with_a_summary_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "slack.yaml", GOOD)
+    code, out = rule_tests(path)
+    assert code == 0
+    assert out.splitlines()[-1] == "rule tests: 2 passed, 0 failed"
+
+
+def test_a_mismatch_prints_a_diff_and_fails(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "slack.yaml", GOOD.replace('"Detractor v1: slow"', '"Detractor v1: fast"')
+    )
+    code, out = rule_tests(path)
+    assert code == 1
+    assert f"FAIL {path} $.tests[0] 'a detractor is announced'" in out
+    assert "-text: 'Detractor v1: fast'" in out
+    assert "+text: 'Detractor v1: slow'" in out
+    assert out.splitlines()[-1] == "rule tests: 1 passed, 1 failed"
+
+
+def test_unexpected_outputs_and_errors_are_failures(tmp_path: Path) -> None:
+    text = GOOD.replace("properties: {score: 9}", "properties: {score: 5, comment: meh}")
+    path = write(tmp_path, "slack.yaml", text)
+    code, out = rule_tests(path)
+    assert code == 1
+    assert "rule 'detractors' produced an output that the test does not expect" in out
+
+
+def test_expected_mapping_errors(tmp_path: Path) -> None:
+    text = GOOD + (
+        "  - name: no comment is a mapping error\n"
+        "    event: {type: nps.response, visitor_id: v1, properties: {score: 1}}\n"
+        "    expect_errors: {detractors: text}\n"
+    )
+    text = text.replace(
+        'text: {template: "Detractor {visitor_id}: {properties.comment}"}',
+        'text: {template: "Detractor {visitor_id}: {properties.comment}", required: true}',
+    )
+    path = write(tmp_path, "slack.yaml", text)
+    code, out = rule_tests(path)
+    assert code == 0, out
+
+
+def test_tests_in_rules_tests_dir_and_raw_pendo_inputs(tmp_path: Path) -> None:
+    write(tmp_path, "slack.yaml", GOOD)
+    write(
+        tmp_path,
+        "tests/slack-pendo.yaml",
+        """\
+sink: slack
+tests:
+  - name: a raw URL webhook NPS response
+    pendo:
+      event: npsSubmitted
+      timestamp: 1705399200
+      visitorId: user_555
+      accountId: account_900
+      properties: {guideId: NPS2024Q1, pollId: nps-1, score: 3, reason: Exports keep timing out}
+    expect:
+      detractors: {text: "Detractor user_555: Exports keep timing out", channel: "#product-insights"}
+""",
+    )
+    code, out = rule_tests(tmp_path / "rules")
+    assert code == 0, out
+    assert out.splitlines()[-1] == "rule tests: 3 passed, 0 failed"
+
+
+def test_rules_that_fail_check_fail_test_and_no_tests_is_a_failure(tmp_path: Path) -> None:
+    path = write(tmp_path, "slack.yaml", GOOD.replace("lte: 6", "lte: six"))
+    code, out = rule_tests(path)
+    assert code == 1
+    assert "the rules do not pass check" in out
+    bare = write(tmp_path, "slack.yaml", GOOD.split("tests:")[0])
+    code, out = rule_tests(bare)
+    assert code == 1
+    assert "no tests" in out
+
+
+def test_checked_in_json_schema_is_current() -> None:
+    checked_in = ROOT / "docs" / "rules.schema.json"
+    assert checked_in.read_bytes() == schema(), "run: router rules schema > docs/rules.schema.json"
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    good = write(tmp_path, "slack.yaml", GOOD)
+    for command, path, expected in (
+        ("check", good, 0),
+        ("test", good, 0),
+        ("check", tmp_path / "absent.yaml", 1),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "router.cli", "rules", command, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
+        assert result.returncode == expected, result.stdout + result.stderr
