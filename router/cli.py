@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the ingest service")
+    sink = sub.add_parser("sink", help="run one sink's consumer (Kafka -> rules -> destination)")
+    sink.add_argument("name", help="the sink: segment, mixpanel, ga4, amplitude, slack, ...")
     events = sub.add_parser("events", help="inspect the event topic")
     events_sub = events.add_subparsers(dest="events_command", required=True)
     tail = events_sub.add_parser("tail", help="print events from the event topic as JSON lines")
@@ -161,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(settings.log_level)
     if args.command == "serve":
         return _run(_serve(settings))
+    if args.command == "sink":
+        from router.sink_runner import run_sink  # keep `router --help` fast
+
+        return _run(run_sink(settings, args.name))
     if args.command == "events":
         try:
             return _run(_tail(settings, args.from_beginning, args.count, args.idle_timeout))

@@ -99,16 +99,51 @@ class RulesSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reload_interval_s: float = 2.0
 
 
+class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The sink consumers (`router sink NAME`): one Kafka consumer group per sink."""
+
+    group_prefix: str = "router-sink-"  # consumer group = prefix + sink name
+    dlq_topic: str = "router.dlq.{sink}"
+    retry_topic: str = "router.retry.{sink}"  # replays go here, read only by that sink
+    dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+    dlq_timeout_ms: int = 10_000
+    # Unfinished events per process; past it the consumer stops fetching (bounded memory).
+    max_inflight_events: int = 10_000
+    poll_timeout_ms: int = 200
+    max_poll_records: int = 1_000
+    commit_interval_s: float = 1.0
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    rebalance_timeout_ms: int = 30_000
+    # On revocation, how long to wait for the revoked partitions' in-flight events; must stay
+    # below rebalance_timeout_ms.
+    revoke_timeout_s: float = 15.0
+    shutdown_timeout_s: float = 20.0
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 300.0
+    retry_max_total_s: float = 4 * 3600.0
+    # While the destination refuses the credentials (401/403), probe this often.
+    pause_probe_s: float = 30.0
+    health_host: str = "127.0.0.1"
+    health_port: int = 9100
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
+    consumer: ConsumerSettings = msgspec.field(default_factory=ConsumerSettings)
+    # Per-sink settings (endpoint, credentials), validated by each sink.
+    sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    # Modules to import that register more sinks (sinks.register): custom destinations, tests.
+    plugins: list[str] = msgspec.field(default_factory=list)
     log_level: str = "INFO"
 
 
 _LIST_FIELDS = {
     ("ingest", "webhook_secrets"),
     ("ingest", "integration_keys"),
+    ("plugins",),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -253,6 +288,13 @@ def _check(settings: Settings) -> None:
         )
     if settings.log_level.upper() not in _LOG_LEVELS:
         problems.append(f"config key log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
+    c = settings.consumer
+    if c.revoke_timeout_s * 1000 >= c.rebalance_timeout_ms:
+        problems.append(
+            "config key consumer.revoke_timeout_s: must be below consumer.rebalance_timeout_ms"
+        )
+    if c.max_inflight_events < 1:
+        problems.append("config key consumer.max_inflight_events: must be >= 1")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -2,18 +2,39 @@
 
 A sink is pure: it declares its limits, builds HTTP requests from a batch and classifies
 responses; the shared delivery layer in ``router`` does all I/O. This registry is the only place
-the router learns which sinks exist. So far each sink module declares what its rules may produce
-(``OUTPUTS``); transport arrives with the sink issues.
+the router learns which sinks exist: ``OUTPUTS`` (what each sink's rules may produce) and
+``FACTORIES`` (how to build a sink from its settings). Plugins (the ``plugins`` setting) add
+sinks with :func:`register`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from router.delivery.sink import Sink
 from router.rules.outputs import SinkOutputs
 from sinks import amplitude, ga4, mixpanel, segment, slack
 
 #: sink name -> what its rules may produce.
-OUTPUTS: Mapping[str, SinkOutputs] = {
+OUTPUTS: dict[str, SinkOutputs] = {
     module.OUTPUTS.sink: module.OUTPUTS for module in (segment, mixpanel, ga4, amplitude, slack)
 }
+#: sink name -> factory taking the sink's settings (``sinks.<name>`` in the config).
+FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {}
+
+
+def register(
+    outputs: SinkOutputs, factory: Callable[[Mapping[str, Any]], Sink] | None = None
+) -> None:
+    OUTPUTS[outputs.sink] = outputs
+    if factory is not None:
+        FACTORIES[outputs.sink] = factory
+
+
+def create(name: str, config: Mapping[str, Any]) -> Sink:
+    factory = FACTORIES.get(name)
+    if factory is None:
+        known = ", ".join(sorted(FACTORIES)) or "none yet"
+        raise LookupError(f"no sink transport named {name!r} (sinks with a transport: {known})")
+    return factory(config)

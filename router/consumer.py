@@ -1,0 +1,765 @@
+"""One sink's consumer: the event topic -> rules -> batches -> HTTP, at least once.
+
+``router sink NAME`` runs one of these per process; processes of one sink share the partitions of
+the event topic (and of the sink's retry topic, which only replays feed) through the Kafka consumer
+group ``router-sink-NAME``.
+
+The guarantee rests on one rule: an offset is committed only when every event before it is
+delivered, filtered out by the rules, or safely written to the dead-letter topic (acknowledged by
+Kafka). Commits are explicit (``offset + 1`` of the last finished event, per partition); a crash
+re-reads from the last commit and re-sends with the same idempotency keys. Memory is bounded: past
+``max_inflight_events`` unfinished events the consumer pauses its partitions (it keeps polling,
+so the group never thinks it died) until deliveries catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from router import dlq
+from router.bus import TopicSpec, ensure_topics, event_topic_spec
+from router.delivery.batching import Batcher
+from router.delivery.offsets import PartitionOffsets
+from router.delivery.ratelimit import RateLimiter
+from router.delivery.retry import RetryPolicy
+from router.delivery.sink import (
+    Delivered,
+    HttpRequest,
+    HttpResponse,
+    Outcome,
+    Partial,
+    Pause,
+    Prepared,
+    Reject,
+    Retry,
+    Sink,
+    Split,
+    excerpt,
+    idempotency_key,
+)
+from router.events import Event, decode_event, now_ms
+from router.rules.engine import Failed, Routed
+from router.rules.live import LiveRules
+from router.settings import ConsumerSettings, Settings
+from router.sink_metrics import SinkMetrics
+
+log = logging.getLogger(__name__)
+
+HEALTHY, DEGRADED, PAUSED = "healthy", "degraded", "paused"
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """One Kafka record in the router's hands; finished when all its outputs are."""
+
+    offsets: PartitionOffsets
+    offset: int
+    remaining: int
+
+
+@dataclass(eq=False)
+class Item:
+    """One rule output on its way to the destination."""
+
+    ticket: _Ticket
+    tp: TopicPartition
+    event_id: str
+    rule_id: str
+    key: str
+    body: bytes
+    group: str | None
+    payload: Any
+    value: bytes  # the record value (the canonical event), for dead letters
+    ruleset: str
+    attempts: int = 0
+    first_attempt_ms: int | None = None
+    last_attempt_ms: int | None = None
+    first_attempt_mono: float | None = None
+
+
+@dataclass(order=True)
+class _Scheduled:
+    due: float
+    seq: int
+    items: list[Item] = field(compare=False)
+
+
+def dlq_topic(settings: ConsumerSettings, sink: str) -> str:
+    return settings.dlq_topic.format(sink=sink)
+
+
+def retry_topic(settings: ConsumerSettings, sink: str) -> str:
+    return settings.retry_topic.format(sink=sink)
+
+
+def group_id(settings: ConsumerSettings, sink: str) -> str:
+    return f"{settings.group_prefix}{sink}"
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: SinkConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._owner.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._owner.on_assigned(list(assigned))
+
+
+class SinkConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink,
+        rules: LiveRules,
+        metrics: SinkMetrics,
+        redact: dlq.Redactor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.consumer
+        self.sink = sink
+        self.rules = rules
+        self.metrics = metrics
+        self.redact = redact or dlq.Redactor(())
+        limits = sink.limits
+        self.policy = RetryPolicy(
+            base_s=self.cfg.retry_base_s,
+            cap_s=self.cfg.retry_cap_s,
+            max_total_s=self.cfg.retry_max_total_s,
+        )
+        self.batcher: Batcher[Item] = Batcher(
+            limits.max_events, limits.max_bytes, limits.linger_s, limits.per_item_overhead
+        )
+        self.limiter = RateLimiter(
+            limits.rate_per_s, limits.burst, limits.per_key_rate_per_s, limits.per_key_burst
+        )
+        self.topics = [settings.kafka.topic, retry_topic(self.cfg, sink.name)]
+        self.dlq_topic = dlq_topic(self.cfg, sink.name)
+        self.state = HEALTHY
+        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._ready: list[list[Item]] = []
+        self._scheduled: list[_Scheduled] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._sending: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(limits.concurrency)
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._session: aiohttp.ClientSession | None = None
+        self.started = False
+        self.stopping = False
+        self._dispatch_done = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        kafka = self.settings.kafka
+        specs = [
+            event_topic_spec(kafka),
+            TopicSpec(
+                self.topics[1],
+                kafka.partitions,
+                kafka.replication_factor,
+                {"retention.ms": str(kafka.retention_ms)},
+            ),
+            TopicSpec(
+                self.dlq_topic,
+                kafka.partitions,
+                kafka.replication_factor,
+                {"retention.ms": str(self.cfg.dlq_retention_ms)},
+            ),
+        ]
+        await ensure_topics(kafka, specs)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-{self.sink.name}-dlq",
+            enable_idempotence=True,
+            max_request_size=kafka.max_message_bytes * 2,
+            request_timeout_ms=max(5_000, self.cfg.dlq_timeout_ms),
+        )
+        await asyncio.wait_for(self._producer.start(), timeout=30)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-{self.sink.name}",
+            group_id=group_id(self.cfg, self.sink.name),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self.cfg.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, self.cfg.session_timeout_ms // 5),
+            max_poll_interval_ms=self.cfg.max_poll_interval_ms,
+            rebalance_timeout_ms=self.cfg.rebalance_timeout_ms,
+            max_partition_fetch_bytes=kafka.max_message_bytes,
+        )
+        self._consumer.subscribe(self.topics, listener=_Listener(self))
+        await asyncio.wait_for(self._consumer.start(), timeout=30)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.sink.limits.timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.sink.limits.concurrency * 2),
+        )
+        self.started = True
+        self._set_state(HEALTHY)
+        log.info(
+            "sink %s consuming %s as group %s",
+            self.sink.name,
+            ", ".join(self.topics),
+            group_id(self.cfg, self.sink.name),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, then shut down in order (see :meth:`shutdown`)."""
+        dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
+        committer = asyncio.create_task(self._commit_loop(stop), name="commit")
+        try:
+            while not stop.is_set():
+                await self._poll_once()
+        finally:
+            await self.shutdown(dispatcher, committer)
+
+    async def shutdown(self, *tasks: asyncio.Task[None]) -> None:
+        """Stop fetching, send what is batched, wait for sends, commit, leave the group.
+
+        Every step is bounded: in-flight sends get ``shutdown_timeout_s`` together, then are
+        abandoned (their events stay uncommitted and are re-read by the next owner).
+        """
+        self.stopping = True
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
+        consumer = self._consumer
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.pause(*consumer.assignment())
+        self._ready.extend(self.batcher.drain())
+        self._wake.set()
+        while (self._ready or self._sending) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # several conditions and a deadline: a short poll is clearer
+        self._dispatch_done = True
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*tasks, *self._sending, return_exceptions=True)
+        await self._commit(self._offsets)
+        if consumer is not None:
+            try:
+                await asyncio.wait_for(consumer.stop(), timeout=10)
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("consumer stop incomplete: %r", exc)
+        if self._producer is not None:
+            try:
+                await asyncio.wait_for(self._producer.stop(), timeout=10)
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("dead-letter producer stop incomplete: %r", exc)
+        if self._session is not None:
+            await self._session.close()
+        pending = sum(o.pending for o in self._offsets.values())
+        log.info(
+            "sink %s stopped; %d event(s) left uncommitted for redelivery", self.sink.name, pending
+        )
+
+    # ---- Kafka in ------------------------------------------------------------------------
+
+    @property
+    def inflight_events(self) -> int:
+        """Events read and not yet finished, in the partitions this process owns."""
+        return sum(tracker.pending for tracker in self._offsets.values())
+
+    async def _poll_once(self) -> None:
+        consumer = self._consumer
+        assignment = consumer.assignment()
+        inflight = self.inflight_events
+        # Bounded memory: past the cap (or while the destination refuses our credentials) stop
+        # fetching rather than growing.
+        if inflight >= self.cfg.max_inflight_events or self.state == PAUSED:
+            consumer.pause(*assignment)
+        else:
+            consumer.resume(*assignment)
+        self.metrics.inflight.set(inflight)
+        # Keep polling even when paused: that is what keeps this member in the group.
+        batches = await consumer.getmany(
+            timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records
+        )
+        for tp, records in batches.items():
+            offsets = self._offsets.get(tp)
+            if offsets is None:  # revoked between fetch and here
+                continue
+            for record in records:
+                await self._take(tp, offsets, record.offset, record.value)
+        self._ready.extend(self.batcher.due(time.monotonic()))
+        if self._ready:
+            self._wake.set()
+
+    async def _take(
+        self, tp: TopicPartition, offsets: PartitionOffsets, offset: int, value: bytes
+    ) -> None:
+        offsets.start(offset)
+        self.metrics.consumed.inc()
+        # remaining starts at 1, a guard released once every output is handed over, so an
+        # event cannot finish while its later outputs are still being prepared.
+        ticket = _Ticket(offsets, offset, 1)
+        try:
+            event = decode_event(value)
+        except Exception as exc:
+            await self._dead(
+                [],
+                dlq.INVALID_EVENT,
+                f"not a canonical event: {exc}",
+                ticket=ticket,
+                value=value,
+                tp=tp,
+            )
+            return
+        ruleset = self.rules.current
+        outputs = ruleset.evaluate(event)
+        routed = [o for o in outputs if isinstance(o, Routed)]
+        for failure in (o for o in outputs if isinstance(o, Failed)):
+            self.metrics.rule(failure.rule_id).failed.inc()
+            await self._dead_output(
+                event,
+                failure.rule_id,
+                None,
+                dlq.MAPPING_ERROR,
+                f"{failure.field}: {failure.reason}",
+                ticket,
+                value,
+                tp,
+                ruleset.hash,
+            )
+        if not outputs:
+            self.metrics.filtered.inc()
+        now = time.monotonic()
+        for output in routed:
+            self.metrics.rule(output.rule_id).routed.inc()
+            key = idempotency_key(event.id, self.sink.name, output.rule_id)
+            try:
+                prepared = self.sink.prepare(output, key, event)
+            except ValueError as exc:
+                await self._dead_output(
+                    event,
+                    output.rule_id,
+                    output.payload,
+                    dlq.INVALID_PAYLOAD,
+                    str(exc),
+                    ticket,
+                    value,
+                    tp,
+                    ruleset.hash,
+                    key,
+                )
+                continue
+            size = len(prepared.body)
+            if size > self.sink.limits.max_event_bytes or not self.batcher.fits_alone(size):
+                await self._dead_output(
+                    event,
+                    output.rule_id,
+                    output.payload,
+                    dlq.TOO_LARGE,
+                    f"{size} bytes; {self.sink.name} accepts at most "
+                    f"{min(self.sink.limits.max_event_bytes, self.sink.limits.max_bytes)}",
+                    ticket,
+                    value,
+                    tp,
+                    ruleset.hash,
+                    key,
+                )
+                continue
+            item = Item(
+                ticket,
+                tp,
+                event.id,
+                output.rule_id,
+                key,
+                prepared.body,
+                prepared.key,
+                output.payload,
+                value,
+                ruleset.hash,
+            )
+            ticket.remaining += 1
+            self._ready.extend(self.batcher.add(item, size, prepared.key, now))
+        self._finish_ticket(ticket)
+
+    def _finish_ticket(self, ticket: _Ticket) -> None:
+        ticket.remaining -= 1
+        if ticket.remaining == 0:
+            ticket.offsets.finish(ticket.offset)
+
+    # ---- HTTP out ------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while not self._dispatch_done:
+            now = time.monotonic()
+            while self._scheduled and self._scheduled[0].due <= now:
+                self._ready.append(heapq.heappop(self._scheduled).items)
+            while self._ready and not (self.state == PAUSED and self._sending):
+                # While paused, one batch at a time probes the destination.
+                batch = self._ready.pop(0)
+                if not batch:
+                    continue
+                await self._slots.acquire()
+                task = asyncio.create_task(self._send_batch(batch))
+                self._sending.add(task)
+                task.add_done_callback(self._sent)
+            timeout = 0.5
+            if self._scheduled:
+                timeout = min(timeout, max(0.0, self._scheduled[0].due - time.monotonic()))
+            deadline = self.batcher.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+                if deadline <= time.monotonic():
+                    self._ready.extend(self.batcher.due(time.monotonic()))
+                    continue
+            self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # races with the event being set, leaving this loop running after shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._slots.release()
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("send task failed: %r", task.exception())
+
+    async def _send_batch(self, batch: list[Item]) -> None:
+        sink = self.sink
+        requests = sink.build([Prepared(i.body, i.group) for i in batch])
+        covered = {index for request in requests for index in request.items}
+        left_out = [item for index, item in enumerate(batch) if index not in covered]
+        if left_out:
+            # A sink bug must not strand events (their offsets could never be committed).
+            await self._dead_items(
+                left_out, dlq.INVALID_PAYLOAD, f"{sink.name} built no request for it", None, b""
+            )
+        for request in requests:
+            items = [batch[i] for i in request.items]
+            await self._throttle(items[0].group)
+            outcome, status, body = await self._send(request, items)
+            await self._settle(outcome, items, status, body)
+
+    async def _throttle(self, key: str | None) -> None:
+        while True:
+            now = time.monotonic()
+            wait = self.limiter.wait_time(now, key)
+            if wait <= 0:
+                self.limiter.take(now, key)
+                return
+            self.metrics.throttled_seconds.inc(wait)
+            await asyncio.sleep(wait)
+
+    async def _send(
+        self, request: HttpRequest, items: Sequence[Item]
+    ) -> tuple[Outcome, int | None, bytes]:
+        assert self._session is not None
+        now_wall = now_ms()
+        now = time.monotonic()
+        for item in items:
+            item.attempts += 1
+            item.last_attempt_ms = now_wall
+            if item.first_attempt_ms is None:
+                item.first_attempt_ms = now_wall
+                item.first_attempt_mono = now
+        self.metrics.batch_size.observe(len(items))
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                request.method, request.url, headers=dict(request.headers), data=request.body
+            ) as response:
+                body = await response.read()
+                result = HttpResponse(
+                    response.status,
+                    {k.lower(): v for k, v in response.headers.items()},
+                    body,
+                )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.metrics.request_seconds.labels("error").observe(time.perf_counter() - started)
+            return Retry(f"network: {exc.__class__.__name__}: {exc}"), None, b""
+        self.metrics.request_seconds.labels(str(result.status)).observe(
+            time.perf_counter() - started
+        )
+        return self.sink.classify(request, result), result.status, body
+
+    async def _settle(
+        self, outcome: Outcome, items: list[Item], status: int | None, body: bytes
+    ) -> None:
+        if isinstance(outcome, Delivered):
+            self._delivered(items)
+            if self.state == PAUSED:
+                log.info("sink %s resumed: the destination accepts requests again", self.sink.name)
+                # Everything parked behind the pause may go now.
+                self._ready.extend(s.items for s in self._scheduled)
+                self._scheduled.clear()
+                self._wake.set()
+            if self.state != HEALTHY and not self._scheduled:
+                self._set_state(HEALTHY)
+            return
+        if isinstance(outcome, Partial):
+            rejected = {items[i]: reason for i, reason in outcome.rejected.items()}
+            retry = [items[i] for i in outcome.retry]
+            settled = set(rejected) | set(retry)
+            self._delivered([i for i in items if i not in settled])
+            for item, reason in rejected.items():
+                await self._dead_items([item], dlq.REJECTED_BY_API, reason, status, body)
+            if retry:
+                await self._retry(
+                    retry, Retry(outcome.reason or "partial", outcome.after_s), status, body
+                )
+            return
+        if isinstance(outcome, Retry):
+            await self._retry(items, outcome, status, body)
+            return
+        if isinstance(outcome, Pause):
+            if self.state != PAUSED:
+                log.error("sink %s paused: %s", self.sink.name, self.redact(outcome.reason))
+            self._set_state(PAUSED)
+            # Not the events' fault: no attempt limit, no dead letter; probe again later.
+            self._schedule(items, self.cfg.pause_probe_s)
+            return
+        if isinstance(outcome, Split):
+            if len(items) > 1:
+                half = len(items) // 2
+                self._ready.extend([items[:half], items[half:]])
+                self._wake.set()
+            else:
+                await self._dead_items(items, dlq.TOO_LARGE, outcome.reason, status, body)
+            return
+        assert isinstance(outcome, Reject)
+        await self._dead_items(items, dlq.REJECTED_BY_API, outcome.reason, status, body)
+
+    def _delivered(self, items: Iterable[Item]) -> None:
+        for item in items:
+            self.metrics.rule(item.rule_id).delivered.inc()
+            self._finish_ticket(item.ticket)
+
+    async def _retry(
+        self, items: list[Item], outcome: Retry, status: int | None, body: bytes
+    ) -> None:
+        now = time.monotonic()
+        first = min((i.first_attempt_mono or now) for i in items)
+        if self.policy.exhausted(first, now):
+            await self._dead_items(
+                items,
+                dlq.RETRIES_EXHAUSTED,
+                f"still failing after {self.policy.max_total_s:g}s: {outcome.reason}",
+                status,
+                body,
+            )
+            return
+        self._set_state(DEGRADED)
+        attempts = max(i.attempts for i in items)
+        delay = self.policy.delay(attempts, outcome.after_s)
+        self.metrics.retried.inc(len(items))
+        log.warning(
+            "sink %s: %d event(s) retry in %.1fs (attempt %d): %s",
+            self.sink.name,
+            len(items),
+            delay,
+            attempts,
+            self.redact(outcome.reason),
+        )
+        self._schedule(items, delay)
+
+    def _schedule(self, items: list[Item], delay: float) -> None:
+        heapq.heappush(
+            self._scheduled, _Scheduled(time.monotonic() + delay, next(self._seq), items)
+        )
+        self._wake.set()
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        for name in (HEALTHY, DEGRADED, PAUSED):
+            self.metrics.state.labels(name).set(1 if name == state else 0)
+
+    # ---- dead letters --------------------------------------------------------------------
+
+    async def _dead_items(
+        self, items: Sequence[Item], reason: str, detail: str, status: int | None, body: bytes
+    ) -> None:
+        for item in items:
+            letter = dlq.DeadLetter(
+                sink=self.sink.name,
+                reason=reason,
+                detail=self.redact(detail),
+                event_id=item.event_id,
+                rule_id=item.rule_id,
+                idempotency_key=item.key,
+                payload=item.payload,
+                status=status,
+                response=self.redact(excerpt(body)) if body else None,
+                attempts=item.attempts,
+                first_attempt_at=item.first_attempt_ms,
+                last_attempt_at=item.last_attempt_ms,
+                ruleset=item.ruleset,
+                topic=item.tp.topic,
+                partition=item.tp.partition,
+                offset=item.ticket.offset,
+                **dlq.event_fields(item.value),
+            )
+            await self._write_dead(letter, item.key.encode())
+            self._finish_ticket(item.ticket)
+
+    async def _dead_output(
+        self,
+        event: Event,
+        rule_id: str,
+        payload: Any,
+        reason: str,
+        detail: str,
+        ticket: _Ticket,
+        value: bytes,
+        tp: TopicPartition,
+        ruleset: str,
+        key: str | None = None,
+    ) -> None:
+        ticket.remaining += 1
+        letter = dlq.DeadLetter(
+            sink=self.sink.name,
+            reason=reason,
+            detail=self.redact(detail),
+            event_id=event.id,
+            rule_id=rule_id,
+            idempotency_key=key,
+            payload=payload,
+            ruleset=ruleset,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=ticket.offset,
+            **dlq.event_fields(value),
+        )
+        await self._write_dead(letter, event.id.encode())
+        self._finish_ticket(ticket)
+
+    async def _dead(
+        self,
+        items: Sequence[Item],
+        reason: str,
+        detail: str,
+        *,
+        ticket: _Ticket,
+        value: bytes,
+        tp: TopicPartition,
+    ) -> None:
+        letter = dlq.DeadLetter(
+            sink=self.sink.name,
+            reason=reason,
+            detail=self.redact(detail),
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=ticket.offset,
+            **dlq.event_fields(value),
+        )
+        await self._write_dead(letter, f"{tp.topic}:{tp.partition}:{ticket.offset}".encode())
+        self._finish_ticket(ticket)
+
+    async def _write_dead(self, letter: dlq.DeadLetter, key: bytes) -> None:
+        """Until Kafka has the dead letter, the event is not finished: retry, never drop."""
+        letter.dead_at = now_ms()
+        value = dlq.encode(letter)
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self._producer.send_and_wait(self.dlq_topic, value=value, key=key),
+                    timeout=self.cfg.dlq_timeout_ms / 1000,
+                )
+            except (TimeoutError, KafkaError) as exc:
+                log.error("dead letter not written (retrying): %r", exc)
+                await asyncio.sleep(1.0)
+                continue
+            self.metrics.dead_lettered.labels(letter.reason).inc()
+            return
+
+    # ---- commits and rebalances ----------------------------------------------------------
+
+    async def _commit_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.cfg.commit_interval_s)
+            await self._commit(self._offsets)
+            await self._update_lag()
+
+    async def _commit(self, offsets: dict[TopicPartition, PartitionOffsets]) -> None:
+        positions = {}
+        for tp, tracker in offsets.items():
+            position = tracker.committable()
+            if position is not None:
+                positions[tp] = position
+        if not positions or self._consumer is None:
+            return
+        try:
+            await asyncio.wait_for(self._consumer.commit(positions), timeout=10)
+        except (TimeoutError, KafkaError) as exc:
+            # A rebalance or a broker outage: the next commit (or the new owner) catches up.
+            log.warning("commit failed (%r); will retry", exc)
+            return
+        for tp, position in positions.items():
+            offsets[tp].committed(position)
+
+    async def _update_lag(self) -> None:
+        consumer = self._consumer
+        for tp in list(self._offsets):
+            with contextlib.suppress(Exception):
+                high = consumer.highwater(tp)
+                position = await consumer.position(tp)
+                if high is not None:
+                    self.metrics.lag.labels(str(tp.partition), tp.topic).set(
+                        max(0, high - position)
+                    )
+
+    def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            self._offsets[tp] = PartitionOffsets()
+        log.info("sink %s assigned %s", self.sink.name, _names(assigned))
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Hand revoked partitions over cleanly, before the rebalance completes.
+
+        Send what is batched, wait (bounded) for the revoked partitions' in-flight events, commit
+        what is done and abandon the rest: the new owner re-reads it, and duplicates carry the
+        same idempotency keys.
+        """
+        if not revoked:
+            return
+        gone = set(revoked)
+        self._ready.extend(self.batcher.drain())
+        self._wake.set()
+        deadline = time.monotonic() + self.cfg.revoke_timeout_s
+        trackers = {tp: self._offsets[tp] for tp in revoked if tp in self._offsets}
+        while any(t.pending for t in trackers.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await self._commit(trackers)
+        for tp in revoked:
+            self._offsets.pop(tp, None)
+        # Scheduled retries of abandoned partitions are dropped: the new owner re-reads them.
+        kept = [s for s in self._scheduled if not any(i.tp in gone for i in s.items)]
+        abandoned = sum(len(s.items) for s in self._scheduled) - sum(len(s.items) for s in kept)
+        self._scheduled = kept
+        heapq.heapify(self._scheduled)
+        left = sum(t.pending for t in trackers.values())
+        log.info(
+            "sink %s revoked %s; %d event(s) left for the next owner, %d retries abandoned",
+            self.sink.name,
+            _names(revoked),
+            left,
+            abandoned,
+        )
+
+
+def _names(tps: Sequence[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "nothing"

@@ -1,0 +1,159 @@
+"""What a sink is to the delivery layer: declared limits, and three pure functions.
+
+- ``prepare(output, key, event)``: one rule output -> the bytes the sink sends for it;
+- ``build(items)``: a batch of prepared items -> HTTP requests, each naming the items it carries;
+- ``classify(request, response)``: the response -> an :data:`Outcome`.
+
+A sink does no I/O and keeps no state about deliveries: batching, rate limits, retries, pausing,
+dead letters and offset commits are the delivery layer's. Copy sinks/README.md's example sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from router.delivery.retry import Verdict, parse_retry_after, verdict_for_status
+from router.events import Event
+from router.rules.engine import Routed
+
+
+@dataclass(frozen=True)
+class SinkLimits:
+    max_events: int  # events per request
+    max_bytes: int  # request body bytes
+    max_event_bytes: int  # one event's bytes; larger events are dead-lettered as too_large
+    linger_s: float = 1.0  # longest wait for a batch to fill
+    rate_per_s: float | None = None  # requests per second, sink-wide
+    burst: float | None = None
+    per_key_rate_per_s: float | None = None  # requests per second per key (Slack: channel)
+    per_key_burst: float | None = None
+    timeout_s: float = 30.0  # one HTTP request, connect to last byte
+    concurrency: int = 4  # requests in flight at once
+    per_item_overhead: int = 1  # bytes each item adds to a body beyond its own (separators)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    body: bytes
+    key: str | None = None  # group and rate-limit key; None = one group
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    items: tuple[int, ...]  # indexes into the batch given to build()
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Delivered:
+    pass
+
+
+@dataclass(frozen=True)
+class Retry:
+    reason: str
+    after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The destination refuses the sink's configuration (credentials, channel).
+
+    No event is at fault, so nothing is dropped or dead-lettered; the sink probes until it works.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """The request was too large for the destination: send its items in halves."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Some items of the request failed; the others count as delivered.
+
+    ``rejected`` (item index in the request -> reason) are dead-lettered; ``retry`` are sent
+    again after ``after_s``.
+    """
+
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    retry: tuple[int, ...] = ()
+    after_s: float | None = None
+    reason: str = ""
+
+
+Outcome = Delivered | Retry | Reject | Pause | Split | Partial
+
+
+class Sink(Protocol):
+    name: str
+    limits: SinkLimits
+
+    def prepare(self, output: Routed, idempotency_key: str, event: Event) -> Prepared: ...
+
+    def build(self, items: Sequence[Prepared]) -> list[HttpRequest]: ...
+
+    def classify(self, request: HttpRequest, response: HttpResponse) -> Outcome: ...
+
+
+def idempotency_key(event_id: str, sink: str, rule_id: str) -> str:
+    """The same for every retry and replay of one event's output: a UUID-formatted hash.
+
+    36 characters of [0-9a-f-]: a valid Segment messageId, Mixpanel $insert_id and Amplitude
+    insert_id.
+    """
+    digest = hashlib.sha256(f"{event_id}\0{sink}\0{rule_id}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16]))
+
+
+def excerpt(body: bytes, limit: int = 512) -> str:
+    text = body[:limit].decode("utf-8", "replace")
+    return text + ("…" if len(body) > limit else "")
+
+
+def classify_by_status(response: HttpResponse) -> Outcome:
+    """The shared retry table, for sinks whose API says nothing finer."""
+    verdict = verdict_for_status(response.status)
+    detail = f"HTTP {response.status}: {excerpt(response.body, 200)}"
+    if verdict is Verdict.DELIVERED:
+        return Delivered()
+    if verdict is Verdict.RETRY:
+        return Retry(detail, parse_retry_after(response.headers.get("retry-after")))
+    if verdict is Verdict.PAUSE:
+        return Pause(detail)
+    if response.status == 413:
+        return Split(detail)
+    return Reject(detail)
+
+
+def json_items(items: Sequence[Prepared]) -> bytes:
+    """A JSON array of the prepared items (each already JSON)."""
+    return b"[" + b",".join(item.body for item in items) + b"]"
+
+
+def header_value(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name.lower())
+    return None if value is None else str(value)

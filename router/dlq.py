@@ -1,0 +1,103 @@
+"""Dead letters: what could not be delivered, why, and everything needed to send it again.
+
+One topic per sink (``router.dlq.<sink>``). A record keeps the original event (as it was on the
+event topic), the rendered payload, the reason class, the HTTP status and an excerpt of the
+response, the attempt count and times, and the rule-set hash. Secrets never reach it: payloads
+are rendered before credentials are added, and reasons and excerpts pass through a Redactor.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from typing import Any, Final
+
+import msgspec
+
+#: Reason classes.
+INVALID_EVENT: Final = "invalid_event"  # the Kafka record is not a canonical event
+MAPPING_ERROR: Final = "mapping_error"  # a rule could not render this event
+INVALID_PAYLOAD: Final = "invalid_payload"  # the sink cannot encode the rendered output
+TOO_LARGE: Final = "too_large"  # larger than any request the destination accepts
+REJECTED_BY_API: Final = "rejected_by_api"  # the destination refused it (4xx, per-event errors)
+RETRIES_EXHAUSTED: Final = "retries_exhausted"  # still failing after the retry window
+REASONS: Final = (
+    INVALID_EVENT,
+    MAPPING_ERROR,
+    INVALID_PAYLOAD,
+    TOO_LARGE,
+    REJECTED_BY_API,
+    RETRIES_EXHAUSTED,
+)
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, omit_defaults=True):
+    sink: str
+    reason: str
+    detail: str
+    event_id: str | None = None
+    rule_id: str | None = None
+    idempotency_key: str | None = None
+    # The event as it was on the topic (JSON; null when the bytes were not JSON, then base64 of
+    # them in event_b64). msgspec cannot put Raw in a union, hence null rather than absent.
+    event: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+    event_b64: str | None = None
+    payload: Any = None
+    status: int | None = None
+    response: str | None = None
+    attempts: int = 0
+    first_attempt_at: int | None = None  # ms since the epoch
+    last_attempt_at: int | None = None
+    dead_at: int = 0
+    ruleset: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(DeadLetter)
+_json_check = msgspec.json.Decoder()
+
+
+def event_fields(value: bytes) -> dict[str, Any]:
+    """The ``event``/``event_b64`` fields for a record value, JSON or not."""
+    try:
+        _json_check.decode(value)
+    except msgspec.DecodeError:
+        return {"event_b64": base64.b64encode(value).decode()}
+    return {"event": msgspec.Raw(value)}
+
+
+def encode(letter: DeadLetter) -> bytes:
+    return _encoder.encode(letter)
+
+
+def decode(data: bytes) -> DeadLetter:
+    return _decoder.decode(data)
+
+
+def original_value(letter: DeadLetter) -> bytes | None:
+    if bytes(letter.event) != b"null":
+        return bytes(letter.event)
+    if letter.event_b64 is not None:
+        return base64.b64decode(letter.event_b64)
+    return None
+
+
+class Redactor:
+    """Replaces every known secret (and its URL-quoted form) in text with ***."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        from urllib.parse import quote  # only needed here
+
+        values = {s for s in secrets if s}
+        values |= {quote(s, safe="") for s in values}
+        # Longest first, so a secret containing another is replaced whole.
+        self._secrets = sorted(values, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text

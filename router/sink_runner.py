@@ -1,0 +1,107 @@
+"""``router sink NAME``: one sink's consumer process, with its health and metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+import sinks
+from router.consumer import SinkConsumer
+from router.dlq import Redactor
+from router.rules.live import LiveRules, RulesError, RulesMetrics
+from router.settings import Settings
+from router.sink_metrics import SinkMetrics
+
+log = logging.getLogger(__name__)
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "webhook", "auth")
+
+
+def secret_values(config: Mapping[str, Any]) -> list[str]:
+    """Values of a sink's settings that look like credentials, for redaction."""
+    found: list[str] = []
+    for name, value in config.items():
+        if isinstance(value, Mapping):
+            found.extend(secret_values(value))
+        elif isinstance(value, str) and any(w in name.lower() for w in _SECRET_WORDS):
+            found.append(value)
+    return found
+
+
+def health_app(consumer: SinkConsumer, registry: CollectorRegistry) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "state": consumer.state})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = consumer.started and not consumer.stopping
+        body = {
+            "status": "ready" if ready else "unavailable",
+            "state": consumer.state,
+            "ruleset": consumer.rules.current.hash,
+            "inflight_events": consumer.inflight_events,
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def run_sink(settings: Settings, name: str) -> int:
+    for plugin in settings.plugins:
+        importlib.import_module(plugin)
+    config = settings.sinks.get(name, {})
+    try:
+        sink = sinks.create(name, config)
+    except (LookupError, ValueError, KeyError) as exc:
+        log.error("cannot start sink %s: %s", name, exc)
+        return 2
+    registry = CollectorRegistry()
+    try:
+        live = LiveRules(Path(settings.rules.dir) / f"{name}.yaml", RulesMetrics(registry))
+    except RulesError as exc:
+        log.error("cannot start sink %s: its rules are not usable: %s", name, exc)
+        return 1
+    consumer = SinkConsumer(
+        settings, sink, live, SinkMetrics(name, registry), Redactor(secret_values(config))
+    )
+    runner = web.AppRunner(health_app(consumer, registry), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.consumer.health_host, settings.consumer.health_port)
+    await site.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    live.install_sighup(loop)
+    try:
+        await consumer.start()
+    except Exception as exc:
+        log.error("cannot start sink %s: %r", name, exc)
+        await runner.cleanup()
+        return 1
+    watcher = asyncio.create_task(live.watch(settings.rules.reload_interval_s, stop))
+    try:
+        await consumer.run(stop)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(watcher, 5)
+        await runner.cleanup()
+    return 0
