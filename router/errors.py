@@ -16,6 +16,10 @@ def validation_error_parts(exc: msgspec.ValidationError, prefix: str = "$") -> t
     """
     message, _, where = str(exc).partition(" - at `")
     path = where.rstrip("`") if where else "$"
+    if path.startswith("key` in `"):
+        # msgspec's form for a bad mapping key: "... - at `key` in `$.a.b`".
+        path = path.removeprefix("key` in `")
+        message = f"{message} (a key)"
     for lead in _FIELD_LEADS:
         if message.startswith(lead):
             path = f"{path}.{message[len(lead) :].rstrip('`')}"

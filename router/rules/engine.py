@@ -260,18 +260,19 @@ def _compile_test(
     op: str, operand: Any, get: Getter, where: str, problems: list[Problem]
 ) -> Predicate:
     if op == "eq":
-        return lambda event: (v := get(event)) is not MISSING and v == operand
+        return lambda event: _same(get(event), operand)
     if op == "ne":
-        return lambda event: (v := get(event)) is MISSING or v != operand
+        return lambda event: not _same(get(event), operand)
     if op in ("in_", "not_in"):
-        members = _hashable(operand)
+        members = _hashable([m for m in operand if not isinstance(m, bool)])
+        flags = frozenset(m for m in operand if isinstance(m, bool))
         if members is not None:
             if op == "in_":
-                return lambda event: _member(get(event), members)
-            return lambda event: not _member(get(event), members)
+                return lambda event: _member(get(event), members, flags)
+            return lambda event: not _member(get(event), members, flags)
         if op == "in_":
-            return lambda event: (v := get(event)) is not MISSING and v in operand
-        return lambda event: (v := get(event)) is MISSING or v not in operand
+            return lambda event: any(_same(get(event), m) for m in operand)
+        return lambda event: not any(_same(get(event), m) for m in operand)
     if op == "exists":
         if operand:
             return lambda event: get(event) not in (MISSING, None)
@@ -291,9 +292,20 @@ def _compile_test(
     return lambda event: isinstance(v := get(event), str) and pattern.search(v) is not None
 
 
-def _member(value: Any, members: frozenset[Any]) -> bool:
+def _same(value: Any, operand: Any) -> bool:
+    """Equality without Python's True == 1: a boolean only equals a boolean."""
+    if value is MISSING:
+        return False
+    return bool(value == operand) and isinstance(value, bool) == isinstance(operand, bool)
+
+
+def _member(value: Any, members: frozenset[Any], flags: frozenset[bool]) -> bool:
+    if value is MISSING:
+        return False
+    if isinstance(value, bool):
+        return value in flags
     try:
-        return value is not MISSING and value in members
+        return value in members
     except TypeError:  # an unhashable event value (a map or list) is in no set of scalars
         return False
 
@@ -458,7 +470,9 @@ _SIMPLE_TRANSFORMS: Final[dict[str, Transform]] = {
     "to_float": _to_float,
     "to_str": _text,
     "to_unix_ms": lambda v: (
-        v if type(v) is int else int((_to_datetime(v) - _EPOCH) // timedelta(milliseconds=1))
+        v
+        if type(v) is int and v >= _MS_THRESHOLD
+        else int((_to_datetime(v) - _EPOCH) // timedelta(milliseconds=1))
     ),
     "to_unix_s": lambda v: int((_to_datetime(v) - _EPOCH) // timedelta(seconds=1)),
     "to_iso8601": lambda v: _iso(_to_datetime(v)),
@@ -487,19 +501,24 @@ def compile_transform(spec: Any, where: str, problems: list[Problem]) -> Transfo
 _TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 
 
-def compile_template(text: str, where: str, problems: list[Problem]) -> Getter:
+def compile_template(
+    text: str, where: str, problems: list[Problem], deny: frozenset[str] = frozenset()
+) -> Getter:
     """``"Pendo {type} {properties.guide_name}"``: literals and paths only; ``{{`` is a brace."""
     pieces: list[str | Getter] = []
     last = 0
     paths = 0
     for match in _TEMPLATE_PART.finditer(text):
-        pieces.append(text[last : match.start()])
+        literal = text[last : match.start()]
+        if "{" in literal or "}" in literal:
+            problems.append(Problem(where, "unbalanced brace in template (write {{ or }})"))
+        pieces.append(literal)
         token = match.group(0)
         if token in ("{{", "}}"):
             pieces.append(token[0])
         else:
             path = match.group(1).strip()
-            pieces.append(compile_path(path, where, problems))
+            pieces.append(_denied_stripped(compile_path(path, where, problems), deny))
             paths += 1
         last = match.end()
     tail = text[last:]
@@ -529,8 +548,25 @@ def _case_key(value: Any) -> str:
     return _text(value)
 
 
+def _denied_stripped(get: Getter, deny: frozenset[str]) -> Getter:
+    """Maps and lists read from the event lose the denied keys before anything renders them
+    (a template or to_str would otherwise carry them out as text)."""
+    if not deny:
+        return get
+
+    def stripped(event: Event) -> Any:
+        value = get(event)
+        return _strip_denied(value, deny) if isinstance(value, (dict, list)) else value
+
+    return stripped
+
+
 def compile_directive(
-    directive: Directive, where: str, field: str, problems: list[Problem]
+    directive: Directive,
+    where: str,
+    field: str,
+    problems: list[Problem],
+    deny: frozenset[str] = frozenset(),
 ) -> Getter:
     """A function of the event giving the field's value, MISSING, or raising _Fail."""
     sources = [
@@ -557,7 +593,7 @@ def compile_directive(
     get: Getter
     if source == "path":
         assert directive.path is not None
-        path_get = compile_path(directive.path, f"{where}.path", problems)
+        path_get = _denied_stripped(compile_path(directive.path, f"{where}.path", problems), deny)
 
         def get(event: Event) -> Any:
             value = path_get(event)
@@ -571,14 +607,14 @@ def compile_directive(
             get = lambda event: constant  # noqa: E731
     elif source == "template":
         assert directive.template is not None
-        get = compile_template(directive.template, f"{where}.template", problems)
+        get = compile_template(directive.template, f"{where}.template", problems, deny)
     elif source == "fields":
         assert directive.fields is not None
-        get = compile_object(directive.fields, f"{where}.fields", field, problems)
+        get = compile_object(directive.fields, f"{where}.fields", field, problems, deny)
     else:
         assert directive.items is not None
         item_getters = [
-            compile_directive(item, f"{where}.items[{i}]", f"{field}[{i}]", problems)
+            compile_directive(item, f"{where}.items[{i}]", f"{field}[{i}]", problems, deny)
             for i, item in enumerate(directive.items)
         ]
 
@@ -645,13 +681,21 @@ def _describe_source(directive: Directive) -> str:
 
 
 def compile_object(
-    fields: Mapping[str, Directive], where: str, field_prefix: str, problems: list[Problem]
+    fields: Mapping[str, Directive],
+    where: str,
+    field_prefix: str,
+    problems: list[Problem],
+    deny: frozenset[str] = frozenset(),
 ) -> Getter:
     getters = [
         (
             name,
             compile_directive(
-                d, f"{where}.{name}", f"{field_prefix}.{name}" if field_prefix else name, problems
+                d,
+                f"{where}.{name}",
+                f"{field_prefix}.{name}" if field_prefix else name,
+                problems,
+                deny,
             ),
         )
         for name, d in fields.items()
@@ -698,7 +742,7 @@ def compile_rule(
         if rule.when is not None
         else (lambda event: True)
     )
-    render_fields = compile_object(rule.map, f"{where}.map", "", problems)
+    render_fields = compile_object(rule.map, f"{where}.map", "", problems, deny)
     check_static(rule, where, kind, outputs.sink, deny, problems)
 
     def render(event: Event) -> dict[str, Any]:
@@ -819,6 +863,16 @@ def _check_policy(
             problems.append(
                 Problem(f"{at}.path", f"{directive.path!r} must never reach {sink} (policy)")
             )
+        if directive.template is not None:
+            for match in _TEMPLATE_PART.finditer(directive.template):
+                placeholder = (match.group(1) or "").strip()
+                if placeholder and placeholder.rsplit(".", 1)[-1] in deny:
+                    problems.append(
+                        Problem(
+                            f"{at}.template",
+                            f"{{{placeholder}}} must never reach {sink} (policy)",
+                        )
+                    )
         for key in directive.keep or ():
             if key in deny:
                 problems.append(Problem(f"{at}.keep", f"{key!r} must never reach {sink} (policy)"))

@@ -24,6 +24,20 @@ from router.rules.model import Directive, Rule, RuleFile, RuleTest, TestFile
 _TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
 
 
+class _RuleLoader(yaml.SafeLoader):
+    """YAML without the timestamp type: an unquoted 2024-01-01 stays the text it looks like.
+
+    Otherwise ``gte: 2024-01-01T00:00:00Z`` would be a datetime (refused by the schema) and
+    ``eq: 2024-01-01`` would never equal the text in an event.
+    """
+
+
+_RuleLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 @dataclass(frozen=True)
 class FileProblem:
     file: str
@@ -158,8 +172,8 @@ def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> tuple[Any
         problems.append(FileProblem(label, None, "$", f"cannot read: {exc}"))
         return None, None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_RuleLoader)
+        data = yaml.load(text, Loader=_RuleLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -239,6 +253,8 @@ def _load_test_file(path: Path, sink: str, loaded: LoadedRules) -> None:
     label = _label(path)
     data, root = _read_yaml(path, label, loaded.problems)
     if data is None:
+        if root is None and not any(p.file == label for p in loaded.problems):
+            loaded.problems.append(FileProblem(label, None, "$", "the file is empty"))
         return
     try:
         test_file = msgspec.convert(data, TestFile)

@@ -75,6 +75,9 @@ def build_event(test: RuleTest) -> Event:
     }
     for key in ("timestamp", "received_at"):
         fields[key] = _millis(fields[key])
+    if "raw" in fields:
+        # The event model keeps the raw payload as JSON bytes.
+        fields["raw"] = msgspec.Raw(_json.encode(fields["raw"]))
     return msgspec.convert(fields, Event, strict=False)
 
 

@@ -259,3 +259,55 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
             check=False,
         )
         assert result.returncode == expected, result.stdout + result.stderr
+
+
+def test_unquoted_dates_stay_text(tmp_path: Path) -> None:
+    text = """\
+sink: slack
+rules:
+  - id: recent
+    when: {all: [{path: timestamp, gte: 2024-01-01T00:00:00Z}, {path: properties.day, eq: 2024-01-16}]}
+    map:
+      text: {template: "{properties.day}"}
+tests:
+  - name: dates compare as written
+    event: {timestamp: 2024-02-01T00:00:00Z, properties: {day: 2024-01-16}}
+    expect: {recent: {text: 2024-01-16}}
+"""
+    code, out = rule_tests(write(tmp_path, "slack.yaml", text))
+    assert code == 0, out
+
+
+def test_an_empty_test_file_is_reported(tmp_path: Path) -> None:
+    write(tmp_path, "slack.yaml", GOOD)
+    write(tmp_path, "tests/slack-empty.yaml", "")
+    code, lines = check(tmp_path / "rules")
+    assert code == 1
+    assert any("slack-empty.yaml: $: the file is empty" in line for line in lines), lines
+
+
+def test_a_bad_case_key_is_located(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'channel: {const: "#product-insights"}', "channel: {path: type, case: {1: x}}"
+    )
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert any(
+        ": $.rules[0].map.channel.case: Expected str, got int (a key)" in line for line in lines
+    ), lines
+
+
+def test_test_events_may_carry_a_raw_payload(tmp_path: Path) -> None:
+    text = """\
+sink: slack
+rules:
+  - id: raw
+    map:
+      text: {path: raw.uniqueId}
+tests:
+  - name: raw is readable
+    event: {raw: {uniqueId: u-1}}
+    expect: {raw: {text: u-1}}
+"""
+    code, out = rule_tests(write(tmp_path, "slack.yaml", text))
+    assert code == 0, out

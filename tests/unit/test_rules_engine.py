@@ -444,3 +444,54 @@ def test_event_time_is_milliseconds_everywhere() -> None:
     assert (
         datetime_ms(msgspec.convert("2024-01-15T14:30:00Z", __import__("datetime").datetime)) == T0
     )
+
+
+# ---- regressions found while writing the default rule files ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        ("{path: properties.flag, eq: 1}", False),
+        ("{path: properties.flag, eq: true}", True),
+        ("{path: properties.flag, in: [1, 2]}", False),
+        ("{path: properties.flag, in: [true]}", True),
+        ("{path: properties.one, in: [true]}", False),
+        ("{path: properties.one, in: [1]}", True),
+        ("{path: properties.flag, ne: 1}", True),
+    ],
+)
+def test_booleans_never_equal_numbers(when: str, expected: bool) -> None:
+    assert matches(when, event(properties={"flag": True, "one": 1})) is expected
+
+
+def test_to_unix_ms_reads_small_integers_as_seconds() -> None:
+    out = payload("      text: {const: 1705399200, transform: [to_unix_ms, to_str]}\n")
+    assert out["text"] == "1705399200000"
+
+
+def test_denied_fields_cannot_leave_through_templates_or_to_str() -> None:
+    found = problems_of(
+        "sink: ga4\nrules:\n  - id: r\n    map:\n      name: {const: x}\n"
+        "      client_id: {path: visitor_id}\n"
+        "      params: {fields: {where: {template: '{context.ip}'}}}\n"
+    )
+    assert (
+        "$.rules[0].map.params.fields.where.template",
+        "{context.ip} must never reach ga4 (policy)",
+    ) in found
+    ga4 = ruleset(
+        "sink: ga4\nrules:\n  - id: r\n    map:\n      name: {const: x}\n"
+        "      client_id: {path: visitor_id}\n"
+        "      params: {fields: {ctx: {path: context, transform: [to_str]}}}\n"
+    )
+    (out,) = ga4.evaluate(event(context={"ip": "203.0.113.7", "platform": "web"}))
+    assert isinstance(out, Routed)
+    assert out.payload["params"] == {"ctx": '{"platform":"web"}'}
+
+
+def test_a_brace_anywhere_in_a_template_is_reported() -> None:
+    found = problems_of(
+        "sink: slack\nrules:\n  - id: r\n    map:\n      text: {template: 'Score} {visitor_id}'}\n"
+    )
+    assert any("unbalanced brace" in m for _, m in found)
