@@ -550,7 +550,8 @@ def _case_key(value: Any) -> str:
 
 def _denied_stripped(get: Getter, deny: frozenset[str]) -> Getter:
     """Maps and lists read from the event lose the denied keys before anything renders them
-    (a template or to_str would otherwise carry them out as text)."""
+    (a template or to_str would otherwise carry them out as text).
+    """
     if not deny:
         return get
 
