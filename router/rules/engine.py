@@ -549,8 +549,9 @@ def _case_key(value: Any) -> str:
 
 
 def _denied_stripped(get: Getter, deny: frozenset[str]) -> Getter:
-    """Maps and lists read from the event lose the denied keys before anything renders them
-    (a template or to_str would otherwise carry them out as text).
+    """Strip denied keys from maps and lists read from the event, before anything renders them.
+
+    A template or to_str would otherwise carry a denied value out as text.
     """
     if not deny:
         return get
