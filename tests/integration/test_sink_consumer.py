@@ -178,6 +178,23 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str)
         await asyncio.sleep(0.05)
 
 
+async def committed_count(settings: Settings, sink: str) -> int:
+    """Events of the event topic below the sink group's committed positions."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=group_id(settings.consumer, sink),
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        total = 0
+        for p in range(settings.kafka.partitions):
+            total += await consumer.committed(TopicPartition(settings.kafka.topic, p)) or 0
+        return total
+    finally:
+        await consumer.stop()
+
+
 async def committed_everything(settings: Settings, sink: str) -> bool:
     """The sink's group has committed the end offset of every partition of the event topic."""
     consumer = AIOKafkaConsumer(
