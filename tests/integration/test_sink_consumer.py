@@ -115,13 +115,17 @@ def rig_settings(broker: Broker, topic: str, rules_dir: Path, url: str, **env: s
     return make_settings(broker, topic, **values)
 
 
-@pytest.fixture
-def rules_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "rules"
-    directory.mkdir()
+def write_rules(directory: Path) -> Path:
+    """The test rules for the fake sinks, in ``directory``."""
+    directory.mkdir(exist_ok=True)
     for sink in ("fake", "fake2"):
         (directory / f"{sink}.yaml").write_text(RULES.format(sink=sink))
     return directory
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    return write_rules(tmp_path / "rules")
 
 
 async def publish(settings: Settings, events: list[Event], garbage: list[bytes] = ()) -> None:  # type: ignore[assignment]

@@ -29,17 +29,22 @@ from tests.integration.test_sink_consumer import (
     committed_everything,
     publish,
     rig_settings,
-    rules_dir,  # noqa: F401  (a fixture, used by name)
     start_consumer,
     track_event,
     wait_until,
     wait_until_async,
+    write_rules,
 )
 
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_INFLIGHT = 400
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    return write_rules(tmp_path / "rules")
 
 
 def duplicates(destination: Destination) -> int:
