@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -40,6 +41,32 @@ pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_INFLIGHT = 400
+
+
+async def check_health_endpoints(port: int) -> None:
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/healthz") as response:
+            assert response.status == 200
+        async with session.get(base + "/readyz") as response:
+            assert response.status == 200
+            ready = await response.json()
+            assert ready["status"] == "ready"
+            assert ready["state"] == "healthy"
+            assert len(ready["ruleset"]) == 16
+        async with session.get(base + "/metrics") as response:
+            text = await response.text()
+    for sample in (
+        'router_sink_delivered_total{rule="tracks",sink="fake"}',
+        'router_sink_routed_total{rule="tracks",sink="fake"}',
+        'router_sink_consumed_total{sink="fake"}',
+        'router_sink_state{sink="fake",state="healthy"} 1.0',
+        "router_sink_request_seconds_bucket",
+        "router_sink_batch_size_bucket",
+        "router_sink_consumer_lag",
+        'router_rules_ruleset{hash="',
+    ):
+        assert sample in text, sample
 
 
 @pytest.fixture
@@ -69,6 +96,7 @@ async def test_kill_9_mid_batch_then_restart(
     events = [track_event(i) for i in range(3000)]
     await publish(settings, events)
     config = tmp_path / "router.yaml"
+    health_port = free_port()
     config.write_text(
         f"kafka: {{bootstrap_servers: '{broker.bootstrap}', topic: {topic}, partitions: 3}}\n"
         f"rules: {{dir: '{rules_dir}'}}\n"
@@ -77,7 +105,7 @@ async def test_kill_9_mid_batch_then_restart(
         f"consumer: {{group_prefix: '{topic}-', dlq_topic: '{topic}.dlq.{{sink}}',\n"
         f"  retry_topic: '{topic}.retry.{{sink}}', commit_interval_s: 0.5,\n"
         f"  max_inflight_events: {MAX_INFLIGHT}, session_timeout_ms: 6000,\n"
-        f"  revoke_timeout_s: 5, health_port: {free_port()}}}\n"
+        f"  revoke_timeout_s: 5, health_port: {health_port}}}\n"
     )
 
     def spawn(log_name: str) -> subprocess.Popen[bytes]:
@@ -100,6 +128,7 @@ async def test_kill_9_mid_batch_then_restart(
         everything = {e.id for e in events}
         await wait_until(lambda: destination.delivered_event_ids() >= everything, 120, "all")
         await wait_until_async(lambda: committed_everything(settings, "fake"), 60)
+        await check_health_endpoints(health_port)
         second.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(second.wait, 30) == 0
     finally:
