@@ -437,3 +437,36 @@ async def test_one_sinks_outage_does_not_touch_another(broker: Broker, rules_dir
     finally:
         for s in servers:
             await s.close()
+
+
+async def test_rate_limit_is_respected(
+    broker: Broker, server: tuple[Destination, str], rules_dir: Path
+) -> None:
+    destination, url = server
+    topic = unique_topic()
+    rate = 20
+    settings = rig_settings(
+        broker,
+        topic,
+        rules_dir,
+        url,
+        ROUTER_SINKS__FAKE__MAX_EVENTS="1",
+        ROUTER_SINKS__FAKE__RATE_PER_S=str(rate),
+        ROUTER_SINKS__FAKE__CONCURRENCY="4",
+    )
+    events = [track_event(i) for i in range(70)]
+    await publish(settings, events)
+    running = await start_consumer(settings)
+    try:
+        await wait_until(
+            lambda: destination.delivered_event_ids() >= {e.id for e in events}, 60, "deliveries"
+        )
+    finally:
+        await running.close()
+    times = sorted(t for t, _, _ in destination.requests)
+    # The token bucket allows a burst of `rate`, then `rate` per second: no one-second window
+    # may hold more than burst + rate requests (+1 for the window's edge).
+    for i, start in enumerate(times):
+        in_window = sum(1 for t in times[i:] if t < start + 1.0)
+        assert in_window <= 2 * rate + 1, (i, in_window)
+    assert running.consumer.metrics.throttled_seconds._value.get() > 0  # type: ignore[attr-defined]
