@@ -16,10 +16,11 @@ from router.delivery.sink import Sink
 from router.rules.outputs import SinkOutputs
 from sinks import amplitude, ga4, mixpanel, segment, slack
 
+_BUILT_IN = (segment, mixpanel, ga4, amplitude, slack)
+#: The sinks that ship with the router (plugins may register more at run time).
+BUILT_IN: tuple[str, ...] = tuple(module.OUTPUTS.sink for module in _BUILT_IN)
 #: sink name -> what its rules may produce.
-OUTPUTS: dict[str, SinkOutputs] = {
-    module.OUTPUTS.sink: module.OUTPUTS for module in (segment, mixpanel, ga4, amplitude, slack)
-}
+OUTPUTS: dict[str, SinkOutputs] = {module.OUTPUTS.sink: module.OUTPUTS for module in _BUILT_IN}
 #: sink name -> factory taking the sink's settings (``sinks.<name>`` in the config).
 FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {}
 
