@@ -3,6 +3,7 @@
 - ``router serve``: the ingest service (HTTP -> Kafka).
 - ``router events tail``: print events from the event topic, for operators and the README demo.
 - ``router config check``: validate the configuration and print it with secrets masked.
+- ``router dlq list|show|replay``: a sink's dead letters; replay sends them to that sink only.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("check", help="validate the configuration and print it, secrets masked")
+    from router import dlq_tools  # light at import: Kafka is imported when a command runs
+
+    dlq_tools.add_parser(sub)
     return parser
 
 
@@ -181,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands.run_tests(args.paths, settings.rules.dir)
         sys.stdout.buffer.write(commands.schema())
         return 0
+    if args.command == "dlq":
+        from router import dlq_tools
+
+        try:
+            return _run(dlq_tools.run(args, settings))
+        except KeyboardInterrupt:
+            return 130
     if args.command == "config":
         sys.stdout.write(msgspec.yaml.encode(_masked(settings)).decode())
         return 0

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from router import dlq
 from router.bus import TopicSpec, ensure_topics, event_topic_spec
@@ -174,13 +175,20 @@ class SinkConsumer:
                 self.topics[1],
                 kafka.partitions,
                 kafka.replication_factor,
-                {"retention.ms": str(kafka.retention_ms)},
+                {
+                    "retention.ms": str(kafka.retention_ms),
+                    "max.message.bytes": str(kafka.max_message_bytes),
+                },
             ),
+            # A dead letter carries the event and its rendered payload: room for both.
             TopicSpec(
                 self.dlq_topic,
                 kafka.partitions,
                 kafka.replication_factor,
-                {"retention.ms": str(self.cfg.dlq_retention_ms)},
+                {
+                    "retention.ms": str(self.cfg.dlq_retention_ms),
+                    "max.message.bytes": str(2 * kafka.max_message_bytes),
+                },
             ),
         ]
         await ensure_topics(kafka, specs)
@@ -313,6 +321,7 @@ class SinkConsumer:
         # remaining starts at 1, a guard released once every output is handed over, so an
         # event cannot finish while its later outputs are still being prepared.
         ticket = _Ticket(offsets, offset, 1)
+        value = value or b""  # a tombstone (null value) is just an undecodable record
         try:
             event = decode_event(value)
         except Exception as exc:
@@ -679,6 +688,20 @@ class SinkConsumer:
                     self._producer.send_and_wait(self.dlq_topic, value=value, key=key),
                     timeout=self.cfg.dlq_timeout_ms / 1000,
                 )
+            except MessageSizeTooLargeError:
+                # Retrying cannot help: keep the letter, without the event and payload; the
+                # original stays on its topic at the recorded partition and offset.
+                letter = msgspec.structs.replace(
+                    letter,
+                    event=msgspec.Raw(b"null"),
+                    event_b64=None,
+                    payload=None,
+                    detail=f"{letter.detail} (event and payload omitted: too large for the "
+                    f"dead-letter topic; the original is at {letter.topic}[{letter.partition}] "
+                    f"offset {letter.offset})",
+                )
+                value = dlq.encode(letter)
+                continue
             except (TimeoutError, KafkaError) as exc:
                 log.error("dead letter not written (retrying): %r", exc)
                 await asyncio.sleep(1.0)

@@ -60,8 +60,9 @@ _decoder = msgspec.json.Decoder(DeadLetter)
 _json_check = msgspec.json.Decoder()
 
 
-def event_fields(value: bytes) -> dict[str, Any]:
+def event_fields(value: bytes | None) -> dict[str, Any]:
     """The ``event``/``event_b64`` fields for a record value, JSON or not."""
+    value = value or b""
     try:
         _json_check.decode(value)
     except msgspec.DecodeError:

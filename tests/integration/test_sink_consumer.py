@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 import sinks
 from router import dlq
-from router.bus import KafkaBus
+from router.bus import KafkaBus, TopicSpec, ensure_topics
 from router.consumer import SinkConsumer, dlq_topic, group_id
 from router.dlq import Redactor
 from router.events import Event, to_record
@@ -470,3 +470,46 @@ async def test_rate_limit_is_respected(
         in_window = sum(1 for t in times[i:] if t < start + 1.0)
         assert in_window <= 2 * rate + 1, (i, in_window)
     assert running.consumer.metrics.throttled_seconds._value.get() > 0  # type: ignore[attr-defined]
+
+
+async def test_tombstones_and_oversized_dead_letters_do_not_stall(
+    broker: Broker, server: tuple[Destination, str], rules_dir: Path
+) -> None:
+    destination, url = server
+    topic = unique_topic()
+    settings = rig_settings(broker, topic, rules_dir, url)
+    # An existing DLQ topic with a small limit (the consumer leaves existing topics as they are).
+    await ensure_topics(
+        settings.kafka,
+        [TopicSpec(dlq_topic(settings.consumer, "fake"), 3, 1, {"max.message.bytes": "100000"})],
+    )
+    huge = track_event(1)
+    huge.properties["blob"] = "x" * 200_000  # too large for the fake sink and for the DLQ
+    after = [track_event(i) for i in range(2, 12)]
+    await publish(settings, [huge])
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value=None, key=b"tombstone")
+    finally:
+        await producer.stop()
+    await publish(settings, after)
+    running = await start_consumer(settings)
+    try:
+        await wait_until(
+            lambda: destination.delivered_event_ids() >= {e.id for e in after}, 30, "deliveries"
+        )
+        await wait_until_async(lambda: committed_everything(settings, "fake"), 30)
+    finally:
+        await running.close()
+    letters = await dead_letters(settings, "fake", expected=2)
+    by_reason = {x.reason: x for x in letters}
+    assert set(by_reason) == {"too_large", "invalid_event"}
+    cut = by_reason["too_large"]
+    assert cut.event_id == huge.id
+    assert "event and payload omitted: too large for the dead-letter topic" in cut.detail
+    assert dlq.original_value(cut) is None
+    assert cut.payload is None
+    assert cut.topic == topic  # where the original still is
+    assert cut.offset is not None
+    assert dlq.original_value(by_reason["invalid_event"]) == b""
