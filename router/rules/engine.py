@@ -12,7 +12,6 @@ field and the reason; the other rules still run. The sink consumer dead-letters 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ from msgspec import UNSET
 
 from router.events import Event
 from router.rules.model import Condition, Directive, Rule, RuleFile
-from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, type_problem, validate_output
+from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, compile_checks, type_problem
 
 
 class _Missing:
@@ -54,12 +53,14 @@ EVENT_FIELDS: Final = frozenset(
     }
 )
 
+#: Top-level fields that hold a string, an integer or null, never a map or a list.
+SCALAR_FIELDS: Final = EVENT_FIELDS - {"properties", "context", "raw"}
+
 Getter = Callable[[Event], Any]
 Predicate = Callable[[Event], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
+class Routed(msgspec.Struct, frozen=True, gc=False):
     """One output of one rule for one event."""
 
     rule_id: str
@@ -68,8 +69,7 @@ class Routed:
     ruleset: str
 
 
-@dataclass(frozen=True, slots=True)
-class Failed:
+class Failed(msgspec.Struct, frozen=True, gc=False):
     """A rule matched but could not produce a valid output for this event."""
 
     rule_id: str
@@ -98,10 +98,30 @@ class CompiledRule:
     kind: str
     matches: Predicate
     render: Callable[[Event], dict[str, Any]]
+    #: The event ``type`` / ``name`` values the rule can match (None: any), and what is left of
+    #: ``matches`` to test once the type and name are known to fit (None: nothing).
+    types: frozenset[str] | None = None
+    names: frozenset[str] | None = None
+    rest: Predicate | None = None
+
+    def admits(self, type_: str, name: str) -> bool:
+        return (self.types is None or type_ in self.types) and (
+            self.names is None or name in self.names
+        )
+
+
+#: How many (type, name) pairs a RuleSet remembers the candidate rules of; past it, they are
+#: worked out per event (still correct, slower).
+_MAX_PLANS: Final = 4096
 
 
 class RuleSet:
-    """One sink's compiled rules; immutable, so a reload swaps it whole."""
+    """One sink's compiled rules; immutable, so a reload swaps it whole.
+
+    Most rules start with a test on the event's ``type`` or ``name``. The rules that can match a
+    (type, name) pair are worked out the first time the pair is seen and remembered, so an event
+    meets only those rules, and only the part of their condition that the pair does not settle.
+    """
 
     def __init__(
         self, sink: str, mode: str, rules: Sequence[CompiledRule], content_hash: str
@@ -111,12 +131,25 @@ class RuleSet:
         self.rules = tuple(rules)
         self.hash = content_hash
         self._first_match = mode == "first_match"
+        self._plans: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
+
+    def _candidates(self, event: Event) -> tuple[CompiledRule, ...]:
+        key = (event.type, event.name)
+        try:
+            plan = self._plans.get(key)
+        except TypeError:  # an unhashable type or name (no decoder builds one): test every rule
+            return tuple(_unguarded(rule) for rule in self.rules)
+        if plan is None:
+            plan = tuple(rule for rule in self.rules if rule.admits(*key))
+            if len(self._plans) < _MAX_PLANS:
+                self._plans[key] = plan
+        return plan
 
     def evaluate(self, event: Event) -> list[Routed | Failed]:
         """Every output the rules produce for this event; [] means it is filtered out."""
         out: list[Routed | Failed] = []
-        for rule in self.rules:
-            if not rule.matches(event):
+        for rule in self._candidates(event):
+            if rule.rest is not None and not rule.rest(event):
                 continue
             try:
                 out.append(Routed(rule.id, rule.kind, rule.render(event), self.hash))
@@ -125,6 +158,10 @@ class RuleSet:
             if self._first_match:
                 break
         return out
+
+
+def _unguarded(rule: CompiledRule) -> CompiledRule:
+    return CompiledRule(rule.id, rule.kind, rule.matches, rule.render, rest=rule.matches)
 
 
 def content_hash(parts: Sequence[bytes]) -> str:
@@ -154,8 +191,18 @@ def _walk(value: Any, keys: Sequence[str]) -> Any:
     return value
 
 
-def compile_path(path: str, where: str, problems: list[Problem]) -> Getter:
-    """A getter for a dotted path; MISSING when any step is absent (never raises)."""
+def compile_path(
+    path: str,
+    where: str,
+    problems: list[Problem],
+    none_is_missing: bool = False,
+    deny: frozenset[str] = frozenset(),
+) -> Getter:
+    """A getter for a dotted path; MISSING when any step is absent (never raises).
+
+    ``none_is_missing``: a null reads as MISSING too (what an output field wants). ``deny``: a
+    map or list read from properties, context or raw comes back without those keys.
+    """
     parts = path.split(".")
     head, rest = parts[0], parts[1:]
     if head not in EVENT_FIELDS or any(not p for p in parts):
@@ -167,20 +214,51 @@ def compile_path(path: str, where: str, problems: list[Problem]) -> Getter:
             )
         )
         return lambda event: MISSING
+    if head in SCALAR_FIELDS:
+        deny = frozenset()  # a string, a number or null: nothing to strip
+    if len(rest) == 1 and head != "raw":
+        # The common case, in one closure: properties.score, context.url.
+        key = rest[0]
+        if deny and none_is_missing:
+
+            def get_one_stripped(event: Event) -> Any:
+                value = getattr(event, head)
+                if type(value) is not dict or (value := value.get(key)) is None:
+                    return MISSING
+                return _strip_denied(value, deny) if isinstance(value, _CONTAINERS) else value
+
+            return get_one_stripped
+        if none_is_missing:
+
+            def get_one_value(event: Event) -> Any:
+                value = getattr(event, head)
+                if type(value) is not dict or (value := value.get(key)) is None:
+                    return MISSING
+                return value
+
+            return get_one_value
+        if not deny:
+
+            def get_one(event: Event) -> Any:
+                value = getattr(event, head)
+                return value.get(key, MISSING) if type(value) is dict else MISSING
+
+            return get_one
+    if not rest and not deny:
+        if none_is_missing:
+            return lambda event: MISSING if (v := getattr(event, head)) is None else v
+        return lambda event: getattr(event, head)
+    get: Getter
     if head == "raw":
         # The raw payload is kept as bytes; decode it only for rules that ask for it.
-        return lambda event: _walk(_raw_decoder.decode(event.raw), rest)
-    if not rest:
-        return lambda event: getattr(event, head)
-    if len(rest) == 1:
-        key = rest[0]
-
-        def get_one(event: Event) -> Any:
-            value = getattr(event, head)
-            return value.get(key, MISSING) if type(value) is dict else MISSING
-
-        return get_one
-    return lambda event: _walk(getattr(event, head), rest)
+        get = lambda event: _walk(_raw_decoder.decode(event.raw), rest)  # noqa: E731
+    else:
+        get = lambda event: _walk(getattr(event, head), rest)  # noqa: E731
+    if deny:
+        get = _denied_stripped(get, deny)
+    if none_is_missing:
+        return lambda event: MISSING if (v := get(event)) is None else v
+    return get
 
 
 # ---- conditions ----------------------------------------------------------------------------
@@ -227,12 +305,12 @@ def compile_condition(cond: Condition, where: str, problems: list[Problem]) -> P
             preds = [
                 compile_condition(c, f"{where}.all[{i}]", problems) for i, c in enumerate(cond.all)
             ]
-            return lambda event: all(p(event) for p in preds)
+            return _all_of(preds)
         if cond.any is not None:
             preds = [
                 compile_condition(c, f"{where}.any[{i}]", problems) for i, c in enumerate(cond.any)
             ]
-            return lambda event: any(p(event) for p in preds)
+            return _any_of(preds)
         assert cond.not_ is not None
         inner = compile_condition(cond.not_, f"{where}.not", problems)
         return lambda event: not inner(event)
@@ -247,6 +325,46 @@ def compile_condition(cond: Condition, where: str, problems: list[Problem]) -> P
     (op,) = ops
     operand = getattr(cond, op)
     return _compile_test(op, operand, get, f"{where}.{_OP_NAMES.get(op, op)}", problems)
+
+
+def _all_of(preds: list[Predicate]) -> Predicate:
+    """``all(p(event) for p in preds)`` without a generator per call."""
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        a, b = preds
+        return lambda event: a(event) and b(event)
+    if len(preds) == 3:
+        a, b, c = preds
+        return lambda event: a(event) and b(event) and c(event)
+
+    def every(event: Event) -> bool:
+        for pred in preds:  # noqa: SIM110  (all() would build a generator per call)
+            if not pred(event):
+                return False
+        return True
+
+    return every
+
+
+def _any_of(preds: list[Predicate]) -> Predicate:
+    """``any(p(event) for p in preds)`` without a generator per call."""
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        a, b = preds
+        return lambda event: a(event) or b(event)
+    if len(preds) == 3:
+        a, b, c = preds
+        return lambda event: a(event) or b(event) or c(event)
+
+    def some(event: Event) -> bool:
+        for pred in preds:  # noqa: SIM110  (any() would build a generator per call)
+            if pred(event):
+                return True
+        return False
+
+    return some
 
 
 def _hashable(values: list[Any]) -> frozenset[Any] | None:
@@ -404,10 +522,31 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_iso_encoder = msgspec.json.Encoder()
+
+
 def _iso(value: datetime) -> str:
+    """UTC, ``Z``, milliseconds only when there are any (msgspec's C encoder; it writes µs)."""
     value = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-    text = value.isoformat(timespec="milliseconds" if value.microsecond else "seconds")
-    return text.replace("+00:00", "Z")
+    text = _iso_encoder.encode(value)[1:-1].decode()
+    return text[:23] + "Z" if value.microsecond else text
+
+
+# Unix second -> "YYYY-MM-DDTHH:MM:SS": event times cluster, so most lookups hit.
+_ISO_SECONDS: dict[int, str] = {}
+_ISO_SECONDS_MAX: Final = 4096
+
+
+def _iso_ms(value: int) -> str:
+    """``_iso`` of an event time in milliseconds, without a datetime per call."""
+    seconds, millis = divmod(value, 1000)
+    head = _ISO_SECONDS.get(seconds)
+    if head is None:
+        head = _iso(_EPOCH + timedelta(seconds=seconds))[:-1]
+        if len(_ISO_SECONDS) >= _ISO_SECONDS_MAX:
+            _ISO_SECONDS.clear()
+        _ISO_SECONDS[seconds] = head
+    return f"{head}.{millis:03d}Z" if millis else f"{head}Z"
 
 
 def _need_str(name: str, value: Any) -> str:
@@ -475,7 +614,9 @@ _SIMPLE_TRANSFORMS: Final[dict[str, Transform]] = {
         else int((_to_datetime(v) - _EPOCH) // timedelta(milliseconds=1))
     ),
     "to_unix_s": lambda v: int((_to_datetime(v) - _EPOCH) // timedelta(seconds=1)),
-    "to_iso8601": lambda v: _iso(_to_datetime(v)),
+    "to_iso8601": lambda v: (
+        _iso_ms(v) if type(v) is int and v >= _MS_THRESHOLD else _iso(_to_datetime(v))
+    ),
     "sha256": lambda v: hashlib.sha256(_text(v).encode()).hexdigest(),
 }
 TRANSFORM_NAMES: Final = (*sorted(_SIMPLE_TRANSFORMS), "truncate")
@@ -518,7 +659,7 @@ def compile_template(
             pieces.append(token[0])
         else:
             path = match.group(1).strip()
-            pieces.append(_denied_stripped(compile_path(path, where, problems), deny))
+            pieces.append(compile_path(path, where, problems, deny=deny))
             paths += 1
         last = match.end()
     tail = text[last:]
@@ -544,6 +685,18 @@ def compile_template(
     return render
 
 
+_CONTAINERS: Final = (dict, list)
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of a value from a rule file (maps, lists and immutable scalars only)."""
+    if type(value) is dict:
+        return {k: _copy_json(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+    if type(value) is list:
+        return [_copy_json(v) if type(v) in _CONTAINERS else v for v in value]
+    return value
+
+
 def _case_key(value: Any) -> str:
     return _text(value)
 
@@ -551,14 +704,15 @@ def _case_key(value: Any) -> str:
 def _denied_stripped(get: Getter, deny: frozenset[str]) -> Getter:
     """Strip denied keys from maps and lists read from the event, before anything renders them.
 
-    A template or to_str would otherwise carry a denied value out as text.
+    A template or to_str would otherwise carry a denied value out as text. Paths are the only
+    place event values enter an output, so the rendered output is not stripped again.
     """
     if not deny:
         return get
 
     def stripped(event: Event) -> Any:
         value = get(event)
-        return _strip_denied(value, deny) if isinstance(value, (dict, list)) else value
+        return _strip_denied(value, deny) if isinstance(value, _CONTAINERS) else value
 
     return stripped
 
@@ -595,16 +749,12 @@ def compile_directive(
     get: Getter
     if source == "path":
         assert directive.path is not None
-        path_get = _denied_stripped(compile_path(directive.path, f"{where}.path", problems), deny)
-
-        def get(event: Event) -> Any:
-            value = path_get(event)
-            return MISSING if value is None else value
+        get = compile_path(directive.path, f"{where}.path", problems, True, deny)
 
     elif source == "const":
-        constant = directive.const
+        constant = _strip_denied(directive.const, deny) if deny else directive.const
         if isinstance(constant, (dict, list)):
-            get = lambda event: copy.deepcopy(constant)  # noqa: E731  (outputs are mutable)
+            get = lambda event: _copy_json(constant)  # noqa: E731  (outputs are mutable)
         else:
             get = lambda event: constant  # noqa: E731
     elif source == "template":
@@ -634,11 +784,13 @@ def compile_directive(
             ("drop", lambda v: {k: x for k, x in _need_map("drop", v).items() if k not in drop})
         )
     table = directive.case
+    if table is not None and deny:
+        table = {key: _strip_denied(value, deny) for key, value in table.items()}
     for i, spec in enumerate(directive.transform):
         transform = compile_transform(spec, f"{where}.transform[{i}]", problems)
         if transform is not None:
             steps.append((_transform_name(spec), transform))
-    default = directive.default
+    default = _strip_denied(directive.default, deny) if deny else directive.default
     required = directive.required
 
     def value_of(event: Event) -> Any:
@@ -653,7 +805,7 @@ def compile_directive(
                     except (ValueError, TypeError, OverflowError) as exc:
                         raise _Fail(field, f"{name}: {exc}") from None
         if value is MISSING and default is not UNSET:
-            value = copy.deepcopy(default) if isinstance(default, (dict, list)) else default
+            value = _copy_json(default)
         if value is MISSING and required:
             raise _Fail(field, f"required value missing ({_describe_source(directive)})")
         return value
@@ -661,7 +813,9 @@ def compile_directive(
     # Keep/drop run before the case lookup, which maps whole values: order them explicitly.
     if table is not None and (directive.keep is not None or directive.drop is not None):
         problems.append(Problem(where, "case cannot be combined with keep or drop"))
-    return value_of
+    if steps or table is not None or default is not UNSET or required:
+        return value_of
+    return get  # a bare path, const, template, fields or items: no wrapper per event
 
 
 def _transform_name(spec: Any) -> str:
@@ -714,14 +868,85 @@ def compile_object(
     return render
 
 
+# ---- the rule index: what a condition says about the event's type and name -------------------
+
+_INDEXED: Final = ("type", "name")
+Guard = dict[str, frozenset[str]]
+
+
+def _pure_guard(cond: Condition) -> Guard | None:
+    """The strings a lone ``{path: type|name, eq|in: ...}`` test admits; None for any other test.
+
+    For a string, ``_same`` and ``_member`` are plain equality and set membership, which is what
+    the index does with the event's type and name.
+    """
+    if cond.path not in _INDEXED or cond.eq is None or cond.ne is None:
+        return None
+    if cond.all is not None or cond.any is not None or cond.not_ is not None:
+        return None  # not a valid test (reported by compile_condition)
+    ops = [op for op in _OPS if _is_set(getattr(cond, op))]
+    if ops == ["eq"] and isinstance(cond.eq, str):
+        return {cond.path: frozenset((cond.eq,))}
+    if ops == ["in_"] and cond.in_ is not None and all(isinstance(v, str) for v in cond.in_):
+        return {cond.path: frozenset(cond.in_)}
+    return None
+
+
+def _only(cond: Condition, group: str) -> bool:
+    """Whether ``cond`` is a bare ``all`` / ``any`` group (nothing else set on the node)."""
+    groups = [cond.all, cond.any, cond.not_]
+    return cond.path is None and groups.count(None) == 2 and getattr(cond, group) is not None
+
+
+def _guard(cond: Condition) -> Guard:
+    """The type / name values every event matching ``cond`` has ({}: no constraint found)."""
+    pure = _pure_guard(cond)
+    if pure is not None:
+        return pure
+    if _only(cond, "all"):
+        assert cond.all is not None
+        merged: Guard = {}
+        for child in cond.all:
+            for field, values in _guard(child).items():
+                merged[field] = merged[field] & values if field in merged else values
+        return merged
+    if _only(cond, "any") and cond.any:
+        guards = [_guard(child) for child in cond.any]
+        fields = set(guards[0]).intersection(*guards[1:])
+        return {f: frozenset().union(*(g[f] for g in guards)) for f in fields}
+    return {}
+
+
+def _rest(cond: Condition) -> Condition | None:
+    """``cond`` without the tests the index has settled; None when nothing is left."""
+    if _pure_guard(cond) is not None:
+        return None
+    if _only(cond, "all"):
+        assert cond.all is not None
+        left = [child for child in cond.all if _pure_guard(child) is None]
+        if not left:
+            return None
+        return left[0] if len(left) == 1 else Condition(all=left)
+    if _only(cond, "any") and cond.any:
+        pures = [_pure_guard(child) for child in cond.any]
+        if all(p is not None for p in pures) and len({f for p in pures if p for f in p}) == 1:
+            return None  # the union of their values is exactly the guard
+    return cond
+
+
 # ---- rules and files -------------------------------------------------------------------------
 
 
 def _strip_denied(value: Any, deny: frozenset[str]) -> Any:
+    """A copy of a map or list without the denied keys, at any depth."""
     if isinstance(value, dict):
-        return {k: _strip_denied(v, deny) for k, v in value.items() if k not in deny}
+        return {
+            k: _strip_denied(v, deny) if isinstance(v, _CONTAINERS) else v
+            for k, v in value.items()
+            if k not in deny
+        }
     if isinstance(value, list):
-        return [_strip_denied(v, deny) for v in value]
+        return [_strip_denied(v, deny) if isinstance(v, _CONTAINERS) else v for v in value]
     return value
 
 
@@ -746,18 +971,32 @@ def compile_rule(
     )
     render_fields = compile_object(rule.map, f"{where}.map", "", problems, deny)
     check_static(rule, where, kind, outputs.sink, deny, problems)
+    first_problem = compile_checks(
+        kind,
+        list(rule.map),
+        [n for n, d in rule.map.items() if n in kind.fields and _known_valid(d, kind.fields[n])],
+        [n for n, d in rule.map.items() if _always_present(d)],
+    )
 
     def render(event: Event) -> dict[str, Any]:
+        # No denied key can be left: the rule's own field names are checked statically,
+        # constants were stripped when compiled, and event values as they are read.
         output: dict[str, Any] = render_fields(event)
-        if deny:
-            output = _strip_denied(output, deny)
-        found = validate_output(kind, output)
-        if found:
-            field, _, reason = found[0].partition(": ")
-            raise _Fail(field, reason or found[0])
+        problem = first_problem(output)
+        if problem:
+            field, _, reason = problem.partition(": ")
+            raise _Fail(field, reason or problem)
         return output
 
-    return CompiledRule(rule.id, kind.name, matches, render)
+    if rule.when is None:
+        return CompiledRule(rule.id, kind.name, matches, render)
+    guard = _guard(rule.when)
+    left = _rest(rule.when)
+    # Compiled again from parts already compiled above: any problem has been reported.
+    rest = None if left is None else compile_condition(left, f"{where}.when", [])
+    return CompiledRule(
+        rule.id, kind.name, matches, render, guard.get("type"), guard.get("name"), rest
+    )
 
 
 def compile_file(
@@ -824,6 +1063,65 @@ def check_static(
                     problems.append(Problem(f"{at}.fields.{key}", reason))
     if deny:
         _check_policy(rule.map, f"{where}.map", sink, deny, problems)
+
+
+# What a directive's last transform returns, when it returns.
+_RESULT_TYPES: Final[dict[str, type]] = {
+    "lower": str,
+    "upper": str,
+    "trim": str,
+    "truncate": str,
+    "to_str": str,
+    "sha256": str,
+    "to_iso8601": str,
+    "to_int": int,
+    "to_unix_ms": int,
+    "to_unix_s": int,
+    "to_float": float,
+}
+_SPEC_TYPES: Final[dict[str, type]] = {"string": str, "object": dict, "list": list, "integer": int}
+
+
+def _passes(spec: FieldSpec, value: Any) -> bool:
+    if type_problem(spec, value) is not None or (spec.check is not None and spec.check(value)):
+        return False
+    return spec.key_check is None or not isinstance(value, dict)
+
+
+def _known_valid(directive: Directive, spec: FieldSpec) -> bool:
+    """Whether every value the directive can give passes ``spec``: then it is not re-checked."""
+    default = directive.default
+    if default is not UNSET and default is not None and not _passes(spec, default):
+        return False
+    if not directive.transform:
+        if directive.case is not None:
+            return all(v is None or _passes(spec, v) for v in directive.case.values())
+        if directive.const is not UNSET:
+            return directive.const is None or _passes(spec, directive.const)
+        if directive.fields is not None:  # its keys were checked by check_static
+            return spec.type in ("object", "any") and spec.check is None
+        if directive.items is not None:
+            return spec.type in ("list", "any") and spec.check is None
+        if directive.keep is not None or directive.drop is not None:  # a map, or a _Fail
+            return spec.type in ("object", "any") and spec.check is None and not spec.key_check
+        return False
+    last = _transform_name(directive.transform[-1])
+    produced = _RESULT_TYPES.get(last)
+    if spec.check is not None or produced is None:
+        return False
+    if spec.type == "time":  # our own ISO 8601 text, or epoch numbers
+        return last == "to_iso8601" or produced is not str
+    expected = _SPEC_TYPES.get(spec.type)
+    return expected is produced or spec.type not in (*_SPEC_TYPES, "boolean")
+
+
+def _always_present(directive: Directive) -> bool:
+    """Whether the field is in every output, neither null nor "" (for required groups)."""
+    if directive.transform or directive.case is not None:
+        return False
+    if directive.const is not UNSET:
+        return directive.const is not None and directive.const != ""
+    return directive.fields is not None or directive.items is not None
 
 
 def _constants(directive: Directive) -> list[Any]:

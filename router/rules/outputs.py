@@ -10,7 +10,7 @@ to be dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -100,6 +100,71 @@ def validate_output(kind: OutputKind, output: Mapping[str, Any]) -> list[str]:
     if kind.whole is not None:
         problems.extend(kind.whole(output))
     return problems
+
+
+# Exact types that pass type_problem with no more work (a str "time" still needs parsing).
+_PASSES: dict[str, frozenset[type]] = {
+    "string": frozenset({str}),
+    "object": frozenset({dict}),
+    "list": frozenset({list}),
+    "time": frozenset({datetime, int, float}),
+    "integer": frozenset({int}),
+    "boolean": frozenset({bool}),
+}
+
+
+def compile_checks(
+    kind: OutputKind,
+    order: Sequence[str],
+    known_valid: Collection[str] = (),
+    known_present: Collection[str] = (),
+) -> Callable[[Mapping[str, Any]], str | None]:
+    """``validate_output(kind, output)[0]``, or None, for outputs whose fields come in ``order``.
+
+    The rules compiler passes what it proved before any event: fields all of whose values are
+    valid (``known_valid``) and fields that are always there (``known_present``); those are not
+    checked again. Same problems, same messages, same order; it stops at the first.
+    """
+    present = set(known_present)
+    groups = [(g, f"{' or '.join(g)}: required") for g in kind.required if not present & set(g)]
+    fields = [
+        (name, spec, spec.type in _TYPES, _PASSES.get(spec.type, frozenset()))
+        for name in order
+        if name not in known_valid and (spec := kind.fields.get(name)) is not None
+    ]
+    whole = kind.whole
+
+    def first_problem(output: Mapping[str, Any]) -> str | None:
+        for group, message in groups:
+            for name in group:
+                if output.get(name) not in (None, ""):
+                    break
+            else:
+                return message
+        for name, spec, typed, passes in fields:
+            value = output.get(name)
+            if value is None:
+                continue
+            problem = None
+            if typed and type(value) not in passes:
+                problem = type_problem(spec, value)
+            if problem is None and spec.check is not None:
+                problem = spec.check(value)
+            if problem is None and spec.key_check is not None and isinstance(value, dict):
+                for key in value:
+                    key_problem = spec.key_check(key)
+                    if key_problem:
+                        problem = f"key {key!r}: {key_problem}"
+                        break
+            if problem:
+                return f"{name}: {problem}"
+        if whole is not None:
+            found = whole(output)
+            if found:
+                return found[0]
+        return None
+
+    return first_problem
 
 
 def nonempty(value: Any) -> str | None:
