@@ -356,37 +356,26 @@ class SinkConsumer:
         for output in routed:
             self.metrics.rule(output.rule_id).routed.inc()
             key = idempotency_key(event.id, self.sink.name, output.rule_id)
+            refused: tuple[str, str] | None = None
             try:
                 prepared = self.sink.prepare(output, key, event)
             except ValueError as exc:
+                refused = (dlq.INVALID_PAYLOAD, str(exc))
+            else:
+                size = len(prepared.body)
+                limits = self.sink.limits
+                if size > limits.max_event_bytes or not self.batcher.fits_alone(size):
+                    most = min(limits.max_event_bytes, limits.max_bytes)
+                    refused = (
+                        dlq.TOO_LARGE,
+                        f"{size} bytes; {self.sink.name} accepts at most {most}",
+                    )
+            if refused is not None:
+                reason, detail = refused
                 await self._dead_output(
-                    event,
-                    output.rule_id,
-                    output.payload,
-                    dlq.INVALID_PAYLOAD,
-                    str(exc),
-                    ticket,
-                    value,
-                    tp,
-                    ruleset.hash,
-                    key,
-                )
-                continue
-            size = len(prepared.body)
-            if size > self.sink.limits.max_event_bytes or not self.batcher.fits_alone(size):
-                await self._dead_output(
-                    event,
-                    output.rule_id,
-                    output.payload,
-                    dlq.TOO_LARGE,
-                    f"{size} bytes; {self.sink.name} accepts at most "
-                    f"{min(self.sink.limits.max_event_bytes, self.sink.limits.max_bytes)}",
-                    ticket,
-                    value,
-                    tp,
-                    ruleset.hash,
-                    key,
-                )
+                    event, output.rule_id, output.payload, reason, detail,
+                    ticket, value, tp, ruleset.hash, key,
+                )  # fmt: skip
                 continue
             item = Item(
                 ticket,

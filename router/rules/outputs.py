@@ -76,30 +76,17 @@ def type_problem(spec: FieldSpec, value: Any) -> str | None:
     return None
 
 
-def validate_output(kind: OutputKind, output: Mapping[str, Any]) -> list[str]:
-    """Every way a rendered output breaks its destination's rules, as 'field: reason'."""
-    problems: list[str] = []
-    for group in kind.required:
-        if not any(output.get(name) not in (None, "") for name in group):
-            problems.append(f"{' or '.join(group)}: required")
-    for name, value in output.items():
-        spec = kind.fields.get(name)
-        if spec is None or value is None:
-            continue
-        problem = type_problem(spec, value)
-        if problem is None and spec.check is not None:
-            problem = spec.check(value)
-        if problem is None and spec.key_check is not None and isinstance(value, dict):
-            for key in value:
-                key_problem = spec.key_check(key)
-                if key_problem:
-                    problem = f"key {key!r}: {key_problem}"
-                    break
-        if problem:
-            problems.append(f"{name}: {problem}")
-    if kind.whole is not None:
-        problems.extend(kind.whole(output))
-    return problems
+def field_problem(spec: FieldSpec, value: Any, type_known_ok: bool = False) -> str | None:
+    """Why ``value`` is not valid for a field of ``spec`` (None when it is)."""
+    problem = None if type_known_ok else type_problem(spec, value)
+    if problem is None and spec.check is not None:
+        problem = spec.check(value)
+    if problem is None and spec.key_check is not None and isinstance(value, dict):
+        for key in value:
+            key_problem = spec.key_check(key)
+            if key_problem:
+                return f"key {key!r}: {key_problem}"
+    return problem
 
 
 # Exact types that pass type_problem with no more work (a str "time" still needs parsing).
@@ -119,7 +106,7 @@ def compile_checks(
     known_valid: Collection[str] = (),
     known_present: Collection[str] = (),
 ) -> Callable[[Mapping[str, Any]], str | None]:
-    """``validate_output(kind, output)[0]``, or None, for outputs whose fields come in ``order``.
+    """The first way an output breaks its destination's rules ('field: reason'), or None.
 
     The rules compiler passes what it proved before any event: fields all of whose values are
     valid (``known_valid``) and fields that are always there (``known_present``); those are not
@@ -145,17 +132,7 @@ def compile_checks(
             value = output.get(name)
             if value is None:
                 continue
-            problem = None
-            if typed and type(value) not in passes:
-                problem = type_problem(spec, value)
-            if problem is None and spec.check is not None:
-                problem = spec.check(value)
-            if problem is None and spec.key_check is not None and isinstance(value, dict):
-                for key in value:
-                    key_problem = spec.key_check(key)
-                    if key_problem:
-                        problem = f"key {key!r}: {key_problem}"
-                        break
+            problem = field_problem(spec, value, type_known_ok=not typed or type(value) in passes)
             if problem:
                 return f"{name}: {problem}"
         if whole is not None:
