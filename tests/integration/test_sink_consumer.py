@@ -513,3 +513,56 @@ async def test_tombstones_and_oversized_dead_letters_do_not_stall(
     assert cut.topic == topic  # where the original still is
     assert cut.offset is not None
     assert dlq.original_value(by_reason["invalid_event"]) == b""
+
+
+async def test_a_413_splits_the_batch(
+    broker: Broker, server: tuple[Destination, str], rules_dir: Path
+) -> None:
+    destination, url = server
+    destination.script = [Fault(status=413), Fault(status=413)]
+    topic = unique_topic()
+    settings = rig_settings(
+        broker, topic, rules_dir, url, ROUTER_SINKS__FAKE__MAX_EVENTS="8",
+        ROUTER_SINKS__FAKE__CONCURRENCY="1", ROUTER_SINKS__FAKE__LINGER_S="1",
+    )  # fmt: skip
+    events = [track_event(i) for i in range(8)]
+    await publish(settings, events)
+    running = await start_consumer(settings)
+    try:
+        await wait_until(
+            lambda: destination.delivered_event_ids() >= {e.id for e in events}, 30, "deliveries"
+        )
+    finally:
+        await running.close()
+    sizes = [items for _, _, items in destination.requests]
+    assert sizes[:2] == [8, 4]  # the batch of 8, then its first half, both refused as too large
+    assert sorted(sizes[2:]) == [2, 2, 4]  # halves again, then the rest: all delivered once
+    assert len(destination.ledger) == len(events)
+
+
+async def test_in_flight_events_stay_bounded_during_an_outage(
+    broker: Broker, server: tuple[Destination, str], rules_dir: Path
+) -> None:
+    destination, url = server
+    destination.default = Fault(status=503)
+    topic = unique_topic()
+    cap, poll = 50, 20
+    settings = rig_settings(
+        broker, topic, rules_dir, url,
+        ROUTER_CONSUMER__MAX_INFLIGHT_EVENTS=str(cap),
+        ROUTER_CONSUMER__MAX_POLL_RECORDS=str(poll),
+    )  # fmt: skip
+    await publish(settings, [track_event(i) for i in range(1000)])
+    running = await start_consumer(settings)
+    try:
+        await wait_until(lambda: running.consumer.inflight_events >= cap, 30, "the cap")
+        peak = 0
+        for _ in range(30):  # three seconds of outage
+            peak = max(peak, running.consumer.inflight_events)
+            await asyncio.sleep(0.1)
+        paused = running.consumer._consumer.paused()  # noqa: SLF001
+    finally:
+        await running.close()
+    # Fetching stops at the cap: at most one poll's worth of records beyond it.
+    assert peak <= cap + poll
+    assert paused  # the partitions are paused while the consumer keeps polling
