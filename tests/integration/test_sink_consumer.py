@@ -560,7 +560,7 @@ async def test_in_flight_events_stay_bounded_during_an_outage(
         for _ in range(30):  # three seconds of outage
             peak = max(peak, running.consumer.inflight_events)
             await asyncio.sleep(0.1)
-        paused = running.consumer._consumer.paused()  # noqa: SLF001
+        paused = running.consumer._consumer.paused()
     finally:
         await running.close()
     # Fetching stops at the cap: at most one poll's worth of records beyond it.
