@@ -476,6 +476,16 @@ class SinkConsumer:
                 item.first_attempt_ms = now_wall
                 item.first_attempt_mono = now
         self.metrics.batch_size.observe(len(items))
+        if getattr(self.sink, "dry_run", False):
+            # No credentials configured: show what would be sent, send nothing.
+            log.info(
+                "dry run %s: %s %s %s",
+                self.sink.name,
+                request.method,
+                self.redact(request.url),
+                self.redact(excerpt(request.body, 2000)),
+            )
+            return Delivered(), None, b""
         started = time.perf_counter()
         try:
             async with self._session.request(

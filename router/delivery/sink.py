@@ -109,6 +109,12 @@ Outcome = Delivered | Retry | Reject | Pause | Split | Partial
 
 
 class Sink(Protocol):
+    """The interface every sink implements.
+
+    A sink may also set ``dry_run = True`` (no credentials configured): the delivery layer then
+    logs each request, secrets masked, and counts it as delivered without sending it.
+    """
+
     name: str
     limits: SinkLimits
 
