@@ -157,6 +157,15 @@ def _secret_hook(environ: Mapping[str, str]) -> Any:
     return dec_hook
 
 
+def secret_from(obj: Any, environ: Mapping[str, str] | None = None) -> Secret:
+    """A Secret from a config value: a string, ``{env: NAME}`` or ``{file: PATH}``.
+
+    For sinks, whose settings (``sinks.<name>``) reach them as plain mappings. Raises ValueError
+    with the reason (never the value).
+    """
+    return _secret_from(obj, os.environ if environ is None else environ)
+
+
 def _secret_from(obj: Any, environ: Mapping[str, str]) -> Secret:
     if isinstance(obj, Secret):
         return obj
