@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv/ and install the project with its dev tools
 
-run: $(STAMP) kafka-start ## start local Kafka and the ingest (CONFIG=config/local.yaml); Ctrl-C stops it
-	$(BIN)/router --config $(CONFIG) serve
+run: $(STAMP) kafka-start ## start local Kafka, the ingest and every sink consumer (CONFIG=config/local.yaml); Ctrl-C stops them
+	$(BIN)/router --config $(CONFIG) up
 
 test: $(STAMP) lint typecheck ## lint, type-check and run every test (starts Kafka itself)
 	$(BIN)/pytest $(PYTEST_ARGS)

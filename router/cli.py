@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the ingest service")
+    sub.add_parser(
+        "up", help="run the ingest and every sink consumer locally (one process each; make run)"
+    )
     sink = sub.add_parser("sink", help="run one sink's consumer (Kafka -> rules -> destination)")
     sink.add_argument("name", help="the sink: segment, mixpanel, ga4, amplitude, slack, ...")
     events = sub.add_parser("events", help="inspect the event topic")
@@ -167,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(settings.log_level)
     if args.command == "serve":
         return _run(_serve(settings))
+    if args.command == "up":
+        from router.up import run_up  # keep `router --help` fast
+
+        config_args = ["--config", args.config] if args.config else []
+        return _run(run_up(settings, config_args))
     if args.command == "sink":
         from router.sink_runner import run_sink  # keep `router --help` fast
 
