@@ -59,13 +59,20 @@ async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Start-up (reaching Kafka, creating the topic) can take up to kafka.startup_timeout_s:
+    # a SIGTERM meanwhile must stop it rather than wait for it.
     try:
-        await runner.setup()  # starts the Kafka producer and creates the topic
+        started = await _unless_stopped(runner.setup(), stop)
     except Exception as exc:
         log.error("cannot start: %s", exc)
         with contextlib.suppress(Exception):
             await runner.cleanup()
         return 1
+    if not started:
+        log.info("stopped during start-up")
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        return 0
     site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port, backlog=1024)
     try:
         await site.start()
@@ -81,6 +88,21 @@ async def _serve(settings: Settings) -> int:
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then cancel it); True when it completed."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task in done:
+        task.result()  # re-raise a start-up failure
+        return True
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return False
 
 
 async def _tail(settings: Settings, from_beginning: bool, count: int | None, idle_s: float) -> int:

@@ -90,8 +90,18 @@ async def run_sink(settings: Settings, name: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     live.install_sighup(loop)
+    start = asyncio.ensure_future(consumer.start())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not start.done():  # SIGTERM during start-up: stop now rather than after it
+        start.cancel()
+        with contextlib.suppress(BaseException):
+            await start
+        await runner.cleanup()
+        return 0
     try:
-        await consumer.start()
+        start.result()
     except Exception as exc:
         log.error("cannot start sink %s: %r", name, exc)
         await runner.cleanup()

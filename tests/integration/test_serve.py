@@ -91,3 +91,18 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "ingest.port" in result.stderr
+
+
+async def test_sigterm_during_start_up_stops_promptly(tmp_path: Path) -> None:
+    """While Kafka is unreachable the ingest keeps trying for startup_timeout_s; SIGTERM wins."""
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: '127.0.0.1:{free_port()}'\n  startup_timeout_s: 120\n"
+        f"ingest:\n  port: {free_port()}\n"
+    )
+    with serve_process(config, tmp_path / "serve.log") as process:
+        await asyncio.sleep(2)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0
+    assert "stopped during start-up" in (tmp_path / "serve.log").read_text()
