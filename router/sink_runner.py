@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import sinks
 from router.consumer import SinkConsumer
+from router.delivery.sink import sink_secrets
 from router.dlq import Redactor
 from router.rules.live import LiveRules, RulesError, RulesMetrics
 from router.settings import Settings
@@ -78,9 +79,8 @@ async def run_sink(settings: Settings, name: str) -> int:
     except RulesError as exc:
         log.error("cannot start sink %s: its rules are not usable: %s", name, exc)
         return 1
-    consumer = SinkConsumer(
-        settings, sink, live, SinkMetrics(name, registry), Redactor(secret_values(config))
-    )
+    redact = Redactor([*secret_values(config), *sink_secrets(sink)])
+    consumer = SinkConsumer(settings, sink, live, SinkMetrics(name, registry), redact)
     runner = web.AppRunner(health_app(consumer, registry), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.consumer.health_host, settings.consumer.health_port)

@@ -22,7 +22,9 @@ BUILT_IN: tuple[str, ...] = tuple(module.OUTPUTS.sink for module in _BUILT_IN)
 #: sink name -> what its rules may produce.
 OUTPUTS: dict[str, SinkOutputs] = {module.OUTPUTS.sink: module.OUTPUTS for module in _BUILT_IN}
 #: sink name -> factory taking the sink's settings (``sinks.<name>`` in the config).
-FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {}
+FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {
+    "segment": segment.create,
+}
 
 
 def register(

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from router.delivery.sink import HttpRequest, Sink, idempotency_key
+from router.delivery.sink import HttpRequest, Sink, idempotency_key, sink_secrets
 from router.dlq import Redactor
 from router.events import Event, decode_track, decode_webhook
 from router.rules.engine import Routed
@@ -61,7 +61,7 @@ def golden_requests(sink: Sink, config: Mapping[str, Any]) -> dict[str, list[dic
     """Map each fixture name to the requests its outputs become (one output per request)."""
     loaded = load_rules(ROOT / "rules" / f"{sink.name}.yaml")
     assert loaded.ruleset is not None, loaded.problems
-    redact = Redactor(secret_values(config))
+    redact = Redactor([*secret_values(config), *sink_secrets(sink)])
     result: dict[str, list[dict[str, Any]]] = {}
     for name, events in fixture_events().items():
         requests: list[dict[str, Any]] = []

@@ -112,7 +112,9 @@ class Sink(Protocol):
     """The interface every sink implements.
 
     A sink may also set ``dry_run = True`` (no credentials configured): the delivery layer then
-    logs each request, secrets masked, and counts it as delivered without sending it.
+    logs each request, secrets masked, and counts it as delivered without sending it. And it may
+    offer ``secrets() -> list[str]``: every form its credentials take on the wire (a Basic
+    token, a key resolved from a file), so that logs and dead letters never show them.
     """
 
     name: str
@@ -163,3 +165,9 @@ def json_items(items: Sequence[Prepared]) -> bytes:
 def header_value(headers: Mapping[str, Any], name: str) -> str | None:
     value = headers.get(name.lower())
     return None if value is None else str(value)
+
+
+def sink_secrets(sink: Sink) -> list[str]:
+    """The sink's own list of secret strings, if it offers one."""
+    secrets = getattr(sink, "secrets", None)
+    return list(secrets()) if callable(secrets) else []

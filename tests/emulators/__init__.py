@@ -1,0 +1,1 @@
+"""Local emulators of destination APIs, faithful to shared/contracts/sinks.md."""
