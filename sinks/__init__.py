@@ -24,6 +24,7 @@ OUTPUTS: dict[str, SinkOutputs] = {module.OUTPUTS.sink: module.OUTPUTS for modul
 #: sink name -> factory taking the sink's settings (``sinks.<name>`` in the config).
 FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {
     "segment": segment.create,
+    "mixpanel": mixpanel.create,
 }
 
 

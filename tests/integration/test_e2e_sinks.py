@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from router.ingest import create_app
 from router.rules.live import LiveRules
 from router.signature import sign
 from router.sink_metrics import SinkMetrics
-from tests.emulators.segment import Fault, SegmentEmulator
+from tests.emulators import mixpanel as mixpanel_emulator
+from tests.emulators import segment as segment_emulator
 from tests.fixtures import fixture_paths, webhook_fixture_paths
 from tests.integration.conftest import Broker, make_settings, unique_topic
 from tests.integration.test_sink_consumer import Running, wait_until
@@ -37,14 +39,63 @@ GOLDEN = ROOT / "tests" / "golden"
 ClientFactory = Callable[..., Any]
 
 
-def golden_messages(sink: str) -> dict[str, dict[str, Any]]:
-    """Map each messageId to the exact message the goldens say this sink sends."""
-    messages: dict[str, dict[str, Any]] = {}
-    for path in sorted((GOLDEN / sink).glob("*.json")):
-        for request in json.loads(path.read_text()):
-            for message in request["body"]["batch"]:
-                messages[message["messageId"]] = message
-    return messages
+def golden_bodies(sink: str) -> list[Any]:
+    return [
+        request["body"]
+        for path in sorted((GOLDEN / sink).glob("*.json"))
+        for request in json.loads(path.read_text())
+    ]
+
+
+@dataclass
+class Case:
+    """How one sink's end-to-end run is set up and judged."""
+
+    sink: str
+    emulator: Callable[[], Any]
+    config: Callable[[str], dict[str, Any]]  # the emulator's base URL -> sinks.<name>
+    expected: Callable[[], dict[str, Any]]  # idempotency key -> message, from the goldens
+    delivered: Callable[[Any], dict[str, Any]]  # idempotency key -> message, at the emulator
+    faults: Callable[[Any], None]  # script a 429 (Retry-After: 1) then a 500
+
+
+CASES = [
+    Case(
+        "segment",
+        segment_emulator.SegmentEmulator,
+        lambda url: {"endpoint": url, "write_key": "test-write-key"},
+        lambda: {m["messageId"]: m for body in golden_bodies("segment") for m in body["batch"]},
+        lambda emulator: {key: entry.message for key, entry in emulator.ledger.items()},
+        lambda emulator: emulator.script.extend(
+            [
+                segment_emulator.Fault(status=429, retry_after="1"),
+                segment_emulator.Fault(status=500),
+            ]
+        ),
+    ),
+    Case(
+        "mixpanel",
+        mixpanel_emulator.MixpanelEmulator,
+        lambda url: {
+            "endpoint": url,
+            "project_id": "123456",
+            "service_account": {
+                "username": "sa-user.123.mp-service-account",
+                "secret": "sa-secret",
+            },
+        },
+        lambda: {
+            e["properties"]["$insert_id"]: e for body in golden_bodies("mixpanel") for e in body
+        },
+        lambda emulator: {e["properties"]["$insert_id"]: e for e in emulator.events.values()},
+        lambda emulator: emulator.script.extend(
+            [
+                mixpanel_emulator.Fault(status=429, retry_after="1"),
+                mixpanel_emulator.Fault(status=500),
+            ]
+        ),
+    ),
+]
 
 
 async def send_every_fixture(client: Any) -> None:
@@ -71,12 +122,13 @@ async def start_sink(settings: Any, name: str, config: dict[str, Any]) -> Runnin
 
 
 @pytest.mark.parametrize("faults", [False, True], ids=["clean", "429-then-500"])
-async def test_segment_end_to_end(
-    broker: Broker, aiohttp_client: ClientFactory, faults: bool
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.sink)
+async def test_end_to_end(
+    broker: Broker, aiohttp_client: ClientFactory, case: Case, faults: bool
 ) -> None:
-    emulator = SegmentEmulator()
+    emulator = case.emulator()
     if faults:
-        emulator.script = [Fault(status=429, retry_after="1"), Fault(status=500)]
+        case.faults(emulator)
     server = TestServer(emulator.app(), host="127.0.0.1")
     await server.start_server()
     topic = unique_topic()
@@ -92,21 +144,20 @@ async def test_segment_end_to_end(
     )
     client = await aiohttp_client(create_app(settings))
     await send_every_fixture(client)
-    expected = golden_messages("segment")
-    endpoint = str(server.make_url("")).rstrip("/")
+    expected = case.expected()
+    assert expected, "no golden messages"
     running = await start_sink(
-        settings, "segment", {"endpoint": endpoint, "write_key": "test-write-key"}
+        settings, case.sink, case.config(str(server.make_url("")).rstrip("/"))
     )
     try:
-        await wait_until(lambda: set(emulator.ledger) >= set(expected), 60, "every golden message")
+        await wait_until(
+            lambda: set(case.delivered(emulator)) >= set(expected), 60, "every golden message"
+        )
         await asyncio.sleep(0.5)  # anything extra would arrive now
     finally:
         await running.close()
         await server.close()
-    assert set(emulator.ledger) == set(expected)  # nothing missing, nothing unexpected
-    for message_id, message in expected.items():
-        assert emulator.ledger[message_id].message == message
-    assert all(entry.write_key == "test-write-key" for entry in emulator.ledger.values())
-    if faults:
-        statuses = [r.status for r in emulator.requests]
-        assert statuses[:2] == [429, 500]
+    delivered = case.delivered(emulator)
+    assert set(delivered) == set(expected)  # nothing missing, nothing unexpected
+    for key, message in expected.items():
+        assert delivered[key] == message
