@@ -522,7 +522,8 @@ class SinkConsumer:
         if isinstance(outcome, Partial):
             rejected = {items[i]: reason for i, reason in outcome.rejected.items()}
             retry = [items[i] for i in outcome.retry]
-            settled = set(rejected) | set(retry)
+            held = [items[i] for i in outcome.hold]
+            settled = set(rejected) | set(retry) | set(held)
             self._delivered([i for i in items if i not in settled])
             for item, reason in rejected.items():
                 await self._dead_items([item], dlq.REJECTED_BY_API, reason, status, body)
@@ -530,6 +531,8 @@ class SinkConsumer:
                 await self._retry(
                     retry, Retry(outcome.reason or "partial", outcome.after_s), status, body
                 )
+            if held:
+                self._hold(held, outcome.hold_s or self.cfg.retry_cap_s, outcome.reason)
             return
         if isinstance(outcome, Retry):
             await self._retry(items, outcome, status, body)
@@ -583,6 +586,19 @@ class SinkConsumer:
             attempts,
             self.redact(outcome.reason),
         )
+        self._schedule(items, delay)
+
+    def _hold(self, items: list[Item], delay: float, reason: str) -> None:
+        """Park items until a quota window passes: no attempt limit, the retry clock restarts."""
+        self._set_state(DEGRADED)
+        self.metrics.retried.inc(len(items))
+        log.warning(
+            "sink %s: %d event(s) held %.0fs: %s",
+            self.sink.name, len(items), delay, self.redact(reason or "quota"),
+        )  # fmt: skip
+        restart = time.monotonic() + delay
+        for item in items:
+            item.first_attempt_mono = restart
         self._schedule(items, delay)
 
     def _schedule(self, items: list[Item], delay: float) -> None:

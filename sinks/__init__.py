@@ -25,6 +25,7 @@ OUTPUTS: dict[str, SinkOutputs] = {module.OUTPUTS.sink: module.OUTPUTS for modul
 FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {
     "segment": segment.create,
     "mixpanel": mixpanel.create,
+    "amplitude": amplitude.create,
 }
 
 

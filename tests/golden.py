@@ -45,10 +45,11 @@ def fixture_events() -> dict[str, list[Event]]:
 
 def request_dict(request: HttpRequest, redact: Redactor) -> dict[str, Any]:
     body: Any
+    text = redact(request.body.decode("utf-8", "replace"))  # Amplitude's key is in the body
     try:
-        body = msgspec.json.decode(request.body)
+        body = msgspec.json.decode(text)
     except msgspec.DecodeError:
-        body = request.body.decode("utf-8", "replace")
+        body = text
     return {
         "method": request.method,
         "url": redact(request.url),

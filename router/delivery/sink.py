@@ -103,6 +103,11 @@ class Partial:
     retry: tuple[int, ...] = ()
     after_s: float | None = None
     reason: str = ""
+    #: Items the destination takes only once a quota window has passed (Amplitude's daily
+    #: quota): re-sent as their own batch after ``hold_s``, never dead-lettered for waiting
+    #: (neither the retry time limit nor the Retry-After cap applies), never delaying ``retry``.
+    hold: tuple[int, ...] = ()
+    hold_s: float | None = None
 
 
 Outcome = Delivered | Retry | Reject | Pause | Split | Partial

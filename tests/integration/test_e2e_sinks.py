@@ -26,6 +26,7 @@ from router.ingest import create_app
 from router.rules.live import LiveRules
 from router.signature import sign
 from router.sink_metrics import SinkMetrics
+from tests.emulators import amplitude as amplitude_emulator
 from tests.emulators import mixpanel as mixpanel_emulator
 from tests.emulators import segment as segment_emulator
 from tests.fixtures import fixture_paths, webhook_fixture_paths
@@ -56,7 +57,7 @@ class Case:
     config: Callable[[str], dict[str, Any]]  # the emulator's base URL -> sinks.<name>
     expected: Callable[[], dict[str, Any]]  # idempotency key -> message, from the goldens
     delivered: Callable[[Any], dict[str, Any]]  # idempotency key -> message, at the emulator
-    faults: Callable[[Any], None]  # script a 429 (Retry-After: 1) then a 500
+    faults: Callable[[Any], None]  # script two retryable faults before normal answers
 
 
 CASES = [
@@ -93,6 +94,17 @@ CASES = [
                 mixpanel_emulator.Fault(status=429, retry_after="1"),
                 mixpanel_emulator.Fault(status=500),
             ]
+        ),
+    ),
+    Case(
+        "amplitude",
+        amplitude_emulator.AmplitudeEmulator,
+        lambda url: {"endpoint": url, "api_key": "test-amplitude-api-key"},
+        lambda: {e["insert_id"]: e for body in golden_bodies("amplitude") for e in body["events"]},
+        lambda emulator: {entry.event["insert_id"]: entry.event for entry in emulator.ledger},
+        lambda emulator: emulator.script.extend(
+            # A 429 here means Amplitude's 30 s throttle pause: 5xx keeps the test short.
+            [amplitude_emulator.Fault(status=503), amplitude_emulator.Fault(status=500)]
         ),
     ),
 ]
