@@ -447,11 +447,43 @@ class SinkConsumer:
             await self._dead_items(
                 left_out, dlq.INVALID_PAYLOAD, f"{sink.name} built no request for it", None, b""
             )
+        preflight = getattr(sink, "preflight", None)
         for request in requests:
             items = [batch[i] for i in request.items]
+            if callable(preflight) and (check := preflight(request)) is not None:
+                items = await self._preflight(check, items)
+                if not items:
+                    continue
+                if len(items) < len(request.items):
+                    # Rebuild without the events the validation rejected; the rest were
+                    # validated, so these requests go out without another preflight.
+                    for again in sink.build([Prepared(i.body, i.group) for i in items]):
+                        sub = [items[i] for i in again.items]
+                        await self._throttle(sub[0].group)
+                        outcome, status, body = await self._send(again, sub)
+                        await self._settle(outcome, sub, status, body)
+                    continue
             await self._throttle(items[0].group)
             outcome, status, body = await self._send(request, items)
             await self._settle(outcome, items, status, body)
+
+    async def _preflight(self, check: HttpRequest, items: list[Item]) -> list[Item]:
+        """Send a sink's validation request; return the items that may be sent for real.
+
+        ``Partial`` dead-letters the items it rejects (``rejected_by_api``, with the
+        destination's message); any other outcome but ``Delivered`` is settled as usual
+        (retry, pause, reject) and nothing is sent.
+        """
+        await self._throttle(items[0].group)
+        outcome, status, body = await self._send(check, items)
+        if isinstance(outcome, Delivered):
+            return items
+        if isinstance(outcome, Partial) and not outcome.retry:
+            for index, reason in outcome.rejected.items():
+                await self._dead_items([items[index]], dlq.REJECTED_BY_API, reason, status, body)
+            return [item for n, item in enumerate(items) if n not in outcome.rejected]
+        await self._settle(outcome, items, status, body)
+        return []
 
     async def _throttle(self, key: str | None) -> None:
         while True:

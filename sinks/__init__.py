@@ -26,6 +26,7 @@ FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {
     "segment": segment.create,
     "mixpanel": mixpanel.create,
     "amplitude": amplitude.create,
+    "ga4": ga4.create,
     "slack": slack.create,
 }
 

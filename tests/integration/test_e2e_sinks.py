@@ -173,3 +173,70 @@ async def test_end_to_end(
     assert set(delivered) == set(expected)  # nothing missing, nothing unexpected
     for key, message in expected.items():
         assert delivered[key] == message
+
+
+@pytest.mark.parametrize("flagged", [False, True], ids=["valid", "flagged-by-debug"])
+async def test_ga4_validates_with_the_debug_endpoint_first(broker: Broker, flagged: bool) -> None:
+    """With validate_with_debug_endpoint, GA4's own validator sees each request first.
+
+    Events it flags are dead-lettered with its message and never reach /mp/collect.
+    """
+    import time
+
+    from router.events import Event, now_ms
+    from tests.emulators.ga4 import Ga4Emulator
+    from tests.integration.test_sink_consumer import dead_letters, publish
+
+    emulator = Ga4Emulator()
+    if flagged:
+        # GA4's clock 100 h ahead: to it the events are past the 72 h window; to us they are not.
+        emulator.now = lambda: time.time() + 100 * 3600
+    server = TestServer(emulator.app(), host="127.0.0.1")
+    await server.start_server()
+    topic = unique_topic()
+    settings = make_settings(
+        broker,
+        topic,
+        ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
+        ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
+        ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
+    )
+    events = [
+        Event(
+            id=f"ga4-{i}",
+            source="track",
+            type="track.event",
+            name="feature_used",
+            visitor_id=f"visitor-{i}",
+            timestamp=now_ms(),
+            received_at=now_ms(),
+        )
+        for i in range(3)
+    ]
+    await publish(settings, events)
+    config = {
+        "endpoint": str(server.make_url("")).rstrip("/"),
+        "measurement_id": "G-TEST123",
+        "api_secret": "test-secret",
+        "validate_with_debug_endpoint": True,
+    }
+    running = await start_sink(settings, "ga4", config)
+    try:
+        if flagged:
+            letters = await dead_letters(settings, "ga4", expected=3)
+        else:
+            await wait_until(lambda: len(emulator.ledger) >= 3, 30, "GA4 deliveries")
+    finally:
+        await running.close()
+        await server.close()
+    paths = {request.path for request in emulator.requests}
+    if flagged:
+        assert {x.reason for x in letters} == {"rejected_by_api"}
+        assert {x.event_id for x in letters} == {e.id for e in events}
+        assert paths == {"/debug/mp/collect"}  # nothing was sent for real
+        assert emulator.ledger == []
+        assert all("test-secret" not in dlq_text for dlq_text in (x.detail for x in letters))
+    else:
+        assert paths == {"/debug/mp/collect", "/mp/collect"}
+        assert len(emulator.ledger) == 3
+        assert emulator.dropped == []
