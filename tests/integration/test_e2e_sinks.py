@@ -29,6 +29,7 @@ from router.sink_metrics import SinkMetrics
 from tests.emulators import amplitude as amplitude_emulator
 from tests.emulators import mixpanel as mixpanel_emulator
 from tests.emulators import segment as segment_emulator
+from tests.emulators import slack as slack_emulator
 from tests.fixtures import fixture_paths, webhook_fixture_paths
 from tests.integration.conftest import Broker, make_settings, unique_topic
 from tests.integration.test_sink_consumer import Running, wait_until
@@ -46,6 +47,14 @@ def golden_bodies(sink: str) -> list[Any]:
         for path in sorted((GOLDEN / sink).glob("*.json"))
         for request in json.loads(path.read_text())
     ]
+
+
+def by_content(messages: Any) -> dict[str, Any]:
+    """Slack has no idempotency key: a message is known by its content."""
+    return {json.dumps(m, sort_keys=True): m for m in messages}
+
+
+SLACK_HOOK_PATH = "/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"
 
 
 @dataclass
@@ -105,6 +114,19 @@ CASES = [
         lambda emulator: emulator.script.extend(
             # A 429 here means Amplitude's 30 s throttle pause: 5xx keeps the test short.
             [amplitude_emulator.Fault(status=503), amplitude_emulator.Fault(status=500)]
+        ),
+    ),
+    Case(
+        "slack",
+        slack_emulator.SlackEmulator,
+        lambda url: {"webhook_url": url + SLACK_HOOK_PATH},
+        lambda: by_content(golden_bodies("slack/webhook")),
+        lambda emulator: by_content(emulator.messages()),
+        lambda emulator: emulator.script.extend(
+            [
+                slack_emulator.Fault(status=429, error="rate_limited", retry_after="1"),
+                slack_emulator.Fault(status=500, error="rollup_error"),
+            ]
         ),
     ),
 ]
