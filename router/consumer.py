@@ -754,6 +754,14 @@ class SinkConsumer:
                 await asyncio.sleep(1.0)
                 continue
             self.metrics.dead_lettered.labels(letter.reason).inc()
+            log.warning(
+                "sink %s dead-lettered %s (event %s, rule %s): %s",
+                self.sink.name,
+                letter.reason,
+                letter.event_id or "-",
+                letter.rule_id or "-",
+                letter.detail,  # already redacted
+            )
             return
 
     # ---- commits and rebalances ----------------------------------------------------------

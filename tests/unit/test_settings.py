@@ -116,3 +116,28 @@ def test_secret_values_stay_out_of_error_messages(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "absent.yaml", {})
+
+
+def test_example_config_builds_every_sink_with_credentials() -> None:
+    import sinks
+
+    env = {
+        "PENDO_WEBHOOK_SECRET": "w",
+        "PENDO_INTEGRATION_KEY": "i",
+        "SEGMENT_WRITE_KEY": "seg-key",
+        "MIXPANEL_SA_USERNAME": "user",
+        "MIXPANEL_SA_SECRET": "mp-secret",
+        "AMPLITUDE_API_KEY": "amp-key",
+        "GA4_API_SECRET": "ga4-secret",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/XYZ",
+    }
+    settings = load_settings(ROOT / "config" / "router.example.yaml", env)
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, env):
+        for name in sinks.BUILT_IN:
+            sink = sinks.create(name, settings.sinks[name])
+            assert getattr(sink, "dry_run", None) is False, name
+            for secret in ("seg-key", "mp-secret", "amp-key", "ga4-secret", "XYZ"):
+                assert secret not in repr(sink)
