@@ -262,3 +262,55 @@ async def test_ga4_validates_with_the_debug_endpoint_first(broker: Broker, flagg
         assert paths == {"/debug/mp/collect", "/mp/collect"}
         assert len(emulator.ledger) == 3
         assert emulator.dropped == []
+
+
+async def test_mixpanel_partial_400_dead_letters_with_mixpanels_reason(
+    broker: Broker, aiohttp_client: ClientFactory
+) -> None:
+    """A 400 naming failed_records: those records are dead-lettered with Mixpanel's message.
+
+    The rest are delivered once; nothing accepted is sent again.
+    """
+    from tests.integration.test_sink_consumer import dead_letters
+
+    (case,) = [c for c in CASES if c.sink == "mixpanel"]
+    expected = case.expected()
+    poisoned = sorted(expected)[:2]
+    emulator = mixpanel_emulator.MixpanelEmulator()
+    emulator.poison = {
+        key: ("properties.guide_id", "'properties.guide_id' is invalid: poisoned for the test")
+        for key in poisoned
+    }
+    server = TestServer(emulator.app(), host="127.0.0.1")
+    await server.start_server()
+    topic = unique_topic()
+    settings = make_settings(
+        broker,
+        topic,
+        ROUTER_INGEST__WEBHOOK_SECRETS="e2e",
+        ROUTER_INGEST__INTEGRATION_KEYS="e2e-key",
+        ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
+        ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
+        ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
+    )
+    client = await aiohttp_client(create_app(settings))
+    await send_every_fixture(client)
+    running = await start_sink(
+        settings, "mixpanel", case.config(str(server.make_url("")).rstrip("/"))
+    )
+    try:
+        letters = await dead_letters(settings, "mixpanel", expected=len(poisoned))
+        await wait_until(
+            lambda: set(case.delivered(emulator)) >= set(expected) - set(poisoned), 60, "the rest"
+        )
+    finally:
+        await running.close()
+        await server.close()
+    assert sorted(x.idempotency_key for x in letters) == poisoned  # type: ignore[type-var]
+    assert {x.reason for x in letters} == {"rejected_by_api"}
+    assert all("poisoned for the test" in x.detail for x in letters)
+    assert all(x.status == 400 for x in letters)
+    delivered = case.delivered(emulator)
+    assert set(delivered) == set(expected) - set(poisoned)
+    received = [e["properties"]["$insert_id"] for e in emulator.received]
+    assert len(received) == len(set(received))  # nothing accepted was sent again
