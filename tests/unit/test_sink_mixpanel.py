@@ -617,8 +617,9 @@ async def test_emulator_auth_forms(emulator: tuple[MixpanelEmulator, str]) -> No
         (good(time=1_705_329_000.5), "properties.time"),
         (good(time="2024-01-15"), "properties.time"),
         (good(time=31_535_999), "properties.time"),  # 1970-12-31T23:59:59Z
-        (good(time=int(time.time()) + 3700), "properties.time"),
-        (good(time=int(time.time() * 1000) + 3_700_000), "properties.time"),
+        # Two days ahead, not just past the 1 h limit: computed at import, run minutes later.
+        (good(time=int(time.time()) + 2 * 86400), "properties.time"),
+        (good(time=int(time.time() * 1000) + 2 * 86_400_000), "properties.time"),
         (good(distinct_id=None), "properties.distinct_id"),
         (good(distinct_id=42), "properties.distinct_id"),
         (good(distinct_id="undefined"), "properties.distinct_id"),
