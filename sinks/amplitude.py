@@ -58,11 +58,13 @@ from router.delivery.sink import (
     Split,
     classify_by_status,
     excerpt,
+    optional_secret,
+    sink_settings,
 )
 from router.events import Event
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, all_of, max_len, nonempty
-from router.settings import Secret, secret_from
+from router.settings import Secret
 
 # ref: https://amplitude.com/docs/apis/analytics/http-v2
 
@@ -482,14 +484,5 @@ def _field_indexes(value: Any) -> Iterable[tuple[str, list[int]]]:
 
 def create(config: Mapping[str, Any]) -> AmplitudeSink:
     """The sink from its settings (``sinks.amplitude``); ValueError names a bad setting."""
-    try:
-        settings = msgspec.convert(dict(config), AmplitudeSettings)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"sinks.amplitude: {exc}") from None
-    api_key = None
-    if settings.api_key is not None:
-        try:
-            api_key = secret_from(settings.api_key)
-        except ValueError as exc:
-            raise ValueError(f"sinks.amplitude.api_key: {exc}") from None
-    return AmplitudeSink(settings, api_key)
+    settings = sink_settings(config, AmplitudeSettings, "amplitude")
+    return AmplitudeSink(settings, optional_secret(settings.api_key, "sinks.amplitude.api_key"))

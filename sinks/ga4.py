@@ -73,12 +73,15 @@ from router.delivery.sink import (
     Reject,
     SinkLimits,
     classify_by_status,
+    endpoint_url,
     excerpt,
+    optional_secret,
+    sink_settings,
 )
 from router.events import Event
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, ValueCheck, nonempty
-from router.settings import Secret, secret_from
+from router.settings import Secret
 
 # ref: https://developers.google.com/analytics/devguides/collection/protocol/ga4/sending-events#limitations
 
@@ -301,17 +304,12 @@ class Ga4Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def _normalise_endpoint(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("https", "http") or not parts.netloc:
-        raise ValueError(
-            f"sinks.ga4.endpoint: {endpoint!r} is not an http(s) URL "
-            f"(global: {GLOBAL_ENDPOINT}, EU: {EU_ENDPOINT})"
-        )
-    if parts.query or parts.fragment:
-        raise ValueError("sinks.ga4.endpoint: must not have a query or fragment")
-    if parts.path.rstrip("/").endswith(COLLECT_PATH):
-        raise ValueError(f"sinks.ga4.endpoint: give the host only; the sink appends {COLLECT_PATH}")
-    return endpoint.rstrip("/")
+    return endpoint_url(
+        endpoint,
+        "sinks.ga4.endpoint",
+        COLLECT_PATH,
+        f"global: {GLOBAL_ENDPOINT}, EU: {EU_ENDPOINT}",
+    )
 
 
 def _epoch_ms(value: Any, event: Event) -> int:
@@ -691,14 +689,5 @@ def _classify_validation(request: HttpRequest, response: HttpResponse) -> Outcom
 
 def create(config: Mapping[str, Any], clock: Callable[[], float] = time.time) -> Ga4Sink:
     """The sink from its settings (``sinks.ga4``); ValueError names what is wrong."""
-    try:
-        settings = msgspec.convert(dict(config), Ga4Settings)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"sinks.ga4: {exc}") from None
-    api_secret = None
-    if settings.api_secret is not None:
-        try:
-            api_secret = secret_from(settings.api_secret)
-        except ValueError as exc:
-            raise ValueError(f"sinks.ga4.api_secret: {exc}") from None
-    return Ga4Sink(settings, api_secret, clock)
+    settings = sink_settings(config, Ga4Settings, "ga4")
+    return Ga4Sink(settings, optional_secret(settings.api_secret, "sinks.ga4.api_secret"), clock)

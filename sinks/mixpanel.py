@@ -63,6 +63,7 @@ from router.delivery.sink import (
     classify_by_status,
     excerpt,
     json_items,
+    sink_settings,
 )
 from router.events import Event
 from router.rules.engine import Routed
@@ -479,11 +480,7 @@ def failed_records(body: bytes, count: int) -> dict[int, str]:
 
 def create(config: Mapping[str, Any]) -> MixpanelSink:
     """The sink from its settings (``sinks.mixpanel``); ValueError explains a bad config."""
-    try:
-        settings = msgspec.convert(dict(config), MixpanelSettings)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"sinks.mixpanel: {exc}") from None
-    return MixpanelSink(settings)
+    return MixpanelSink(sink_settings(config, MixpanelSettings, "mixpanel"))
 
 
 # What sinks.register expects (checked by mypy): MixpanelSink implements the Sink protocol.

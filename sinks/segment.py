@@ -26,7 +26,6 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -39,12 +38,15 @@ from router.delivery.sink import (
     Reject,
     SinkLimits,
     classify_by_status,
+    endpoint_url,
     excerpt,
+    optional_secret,
+    sink_settings,
 )
 from router.events import Event
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, nonempty
-from router.settings import Secret, secret_from
+from router.settings import Secret
 
 # ref: https://segment.com/docs/connections/sources/catalog/libraries/server/http-api/
 
@@ -128,19 +130,9 @@ class SegmentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def _normalise_endpoint(endpoint: str) -> str:
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("https", "http") or not parts.netloc:
-        raise ValueError(
-            f"sinks.segment.endpoint: {endpoint!r} is not an http(s) URL "
-            f"(US: {US_ENDPOINT}, EU: {EU_ENDPOINT})"
-        )
-    if parts.query or parts.fragment:
-        raise ValueError("sinks.segment.endpoint: must not have a query or fragment")
-    if parts.path.rstrip("/").endswith(BATCH_PATH):
-        raise ValueError(
-            f"sinks.segment.endpoint: give the host only; the sink appends {BATCH_PATH}"
-        )
-    return endpoint.rstrip("/")
+    return endpoint_url(
+        endpoint, "sinks.segment.endpoint", BATCH_PATH, f"US: {US_ENDPOINT}, EU: {EU_ENDPOINT}"
+    )
 
 
 def _event_time(value: Any, event: Event) -> datetime:
@@ -302,14 +294,5 @@ class SegmentSink:
 
 def create(config: Mapping[str, Any]) -> SegmentSink:
     """The sink from its settings (``sinks.segment``); ValueError names what is wrong."""
-    try:
-        settings = msgspec.convert(dict(config), SegmentSettings)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"sinks.segment: {exc}") from None
-    write_key = None
-    if settings.write_key is not None:
-        try:
-            write_key = secret_from(settings.write_key)
-        except ValueError as exc:
-            raise ValueError(f"sinks.segment.write_key: {exc}") from None
-    return SegmentSink(settings, write_key)
+    settings = sink_settings(config, SegmentSettings, "segment")
+    return SegmentSink(settings, optional_secret(settings.write_key, "sinks.segment.write_key"))

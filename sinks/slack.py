@@ -54,11 +54,13 @@ from router.delivery.sink import (
     Retry,
     SinkLimits,
     excerpt,
+    optional_secret,
+    sink_settings,
 )
 from router.events import Event
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, all_of, max_len, nonempty
-from router.settings import Secret, secret_from
+from router.settings import Secret
 
 # ref: https://api.slack.com/methods/chat.postMessage
 
@@ -451,21 +453,9 @@ class SlackSink:
         return Reject(reason)
 
 
-def _secret(value: str | dict[str, str] | None, name: str) -> Secret | None:
-    if value is None:
-        return None
-    try:
-        return secret_from(value)
-    except ValueError as exc:
-        raise ValueError(f"sinks.slack.{name}: {exc}") from None
-
-
 def create(config: Mapping[str, Any]) -> SlackSink:
     """The sink from its settings (``sinks.slack``); ValueError names what is wrong."""
-    try:
-        settings = msgspec.convert(dict(config), SlackSettings)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"sinks.slack: {exc}") from None
-    webhook_url = _secret(settings.webhook_url, "webhook_url")
-    bot_token = _secret(settings.bot_token, "bot_token")
+    settings = sink_settings(config, SlackSettings, "slack")
+    webhook_url = optional_secret(settings.webhook_url, "sinks.slack.webhook_url")
+    bot_token = optional_secret(settings.bot_token, "sinks.slack.bot_token")
     return SlackSink(settings, webhook_url, bot_token)

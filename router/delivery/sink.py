@@ -14,11 +14,17 @@ import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
 
 from router.delivery.retry import Verdict, parse_retry_after, verdict_for_status
 from router.events import Event
 from router.rules.engine import Routed
+from router.settings import Secret, secret_from
+
+_S = TypeVar("_S")
 
 
 @dataclass(frozen=True)
@@ -176,3 +182,36 @@ def sink_secrets(sink: Sink) -> list[str]:
     """The sink's own list of secret strings, if it offers one."""
     secrets = getattr(sink, "secrets", None)
     return list(secrets()) if callable(secrets) else []
+
+
+# ---- for sinks' create(): settings, credentials, endpoints -----------------------------------
+
+
+def sink_settings(config: Mapping[str, Any], settings_type: type[_S], sink: str) -> _S:
+    """A sink's settings (``sinks.<sink>``) as its Struct; ValueError naming the bad key."""
+    try:
+        return msgspec.convert(dict(config), settings_type)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"sinks.{sink}: {exc}") from None
+
+
+def optional_secret(value: Any, key: str) -> Secret | None:
+    """A credential from a string, {env: NAME} or {file: PATH}; None when not configured."""
+    if value is None:
+        return None
+    try:
+        return secret_from(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def endpoint_url(endpoint: str, key: str, appended_path: str, examples: str) -> str:
+    """An http(s) base URL without query, fragment or the path the sink appends itself."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise ValueError(f"{key}: {endpoint!r} is not an http(s) URL ({examples})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{key}: must not have a query or fragment")
+    if parts.path.rstrip("/").endswith(appended_path):
+        raise ValueError(f"{key}: give the host only; the sink appends {appended_path}")
+    return endpoint.rstrip("/")
