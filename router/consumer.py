@@ -210,7 +210,8 @@ class SinkConsumer:
             heartbeat_interval_ms=max(1000, self.cfg.session_timeout_ms // 5),
             max_poll_interval_ms=self.cfg.max_poll_interval_ms,
             rebalance_timeout_ms=self.cfg.rebalance_timeout_ms,
-            max_partition_fetch_bytes=kafka.max_message_bytes,
+            fetch_max_bytes=self.cfg.fetch_max_bytes,
+            max_partition_fetch_bytes=self.cfg.max_partition_fetch_bytes,
         )
         self._consumer.subscribe(self.topics, listener=_Listener(self))
         await asyncio.wait_for(self._consumer.start(), timeout=30)

@@ -111,6 +111,11 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     max_inflight_events: int = 10_000
     poll_timeout_ms: int = 200
     max_poll_records: int = 1_000
+    # What the Kafka client prefetches: aiokafka's defaults (50 MB, 1 MB per partition) let a
+    # backlog fill memory with records the consumer cannot use yet. Kafka still returns a single
+    # record larger than these (KIP-74), so big events are not blocked.
+    fetch_max_bytes: int = 4 * 1024 * 1024
+    max_partition_fetch_bytes: int = 1024 * 1024
     commit_interval_s: float = 1.0
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
