@@ -308,6 +308,7 @@ class SinkConsumer:
             offsets = self._offsets.get(tp)
             if offsets is None:  # revoked between fetch and here
                 continue
+            self.metrics.consumed.inc(len(records))
             for record in records:
                 await self._take(tp, offsets, record.offset, record.value)
         self._ready.extend(self.batcher.due(time.monotonic()))
@@ -318,7 +319,6 @@ class SinkConsumer:
         self, tp: TopicPartition, offsets: PartitionOffsets, offset: int, value: bytes
     ) -> None:
         offsets.start(offset)
-        self.metrics.consumed.inc()
         # remaining starts at 1, a guard released once every output is handed over, so an
         # event cannot finish while its later outputs are still being prepared.
         ticket = _Ticket(offsets, offset, 1)
@@ -589,9 +589,13 @@ class SinkConsumer:
         await self._dead_items(items, dlq.REJECTED_BY_API, outcome.reason, status, body)
 
     def _delivered(self, items: Iterable[Item]) -> None:
+        per_rule: dict[str, int] = {}
         for item in items:
-            self.metrics.rule(item.rule_id).delivered.inc()
+            per_rule[item.rule_id] = per_rule.get(item.rule_id, 0) + 1
             self._finish_ticket(item.ticket)
+        # One increment per rule and batch: a counter's lock per event cost ~5% of the CPU.
+        for rule_id, count in per_rule.items():
+            self.metrics.rule(rule_id).delivered.inc(count)
 
     async def _retry(
         self, items: list[Item], outcome: Retry, status: int | None, body: bytes
