@@ -19,7 +19,7 @@ proposal end to end before anyone edits the code. ``CONSUMER_PATCHES`` (comma-se
   (``max_records``). aiokafka drops the records it has prefetched for a partition that is paused
   when ``getmany`` runs (``PartitionRecords.check_assignment``), so every pause at the cap threw
   away up to ``max_partition_fetch_bytes`` (4 MiB) per partition, fetched again after the
-  resume. It still pauses when the cap has held for 5 s (a destination outage) or the sink is
+  resume. It still pauses when the cap has held for 1 s (a destination outage) or the sink is
   paused, and keeps calling ``getmany`` then, as the group needs;
 - ``release``: when a request is delivered while batches wait on a retry backoff, those batches
   go now (except the ones a ``Retry-After`` or a quota hold still holds back), as the consumer
@@ -46,7 +46,7 @@ import time
 from typing import Any
 
 PATCHES = {"gc", "key", "slots", "poll", "release", "nometrics"}
-STUCK_S = 5.0  # the "poll" patch pauses the partitions once the cap has held this long
+STUCK_S = 1.0  # the "poll" patch pauses the partitions once the cap has held this long
 
 
 def fast_idempotency_key(event_id: str, sink: str, rule_id: str) -> str:
