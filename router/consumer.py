@@ -60,9 +60,14 @@ from router.sink_metrics import SinkMetrics
 log = logging.getLogger(__name__)
 
 HEALTHY, DEGRADED, PAUSED = "healthy", "degraded", "paused"
+# At max_inflight_events: wait this long for deliveries to free room, and pause the partitions
+# only once the cap has held for _PAUSE_AFTER_FULL_S (aiokafka drops what it prefetched for a
+# paused partition when getmany runs, and fetches it again after the resume).
+_FULL_WAIT_S = 0.02
+_PAUSE_AFTER_FULL_S = 1.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Ticket:
     """One Kafka record in the router's hands; finished when all its outputs are."""
 
@@ -71,7 +76,7 @@ class _Ticket:
     remaining: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     """One rule output on its way to the destination."""
 
@@ -96,6 +101,8 @@ class _Scheduled:
     due: float
     seq: int
     items: list[Item] = field(compare=False)
+    # Not sent before this even when the destination recovers: a Retry-After or a quota hold.
+    not_before: float = field(default=0.0, compare=False)
 
 
 def dlq_topic(settings: ConsumerSettings, sink: str) -> str:
@@ -164,6 +171,8 @@ class SinkConsumer:
         self.started = False
         self.stopping = False
         self._dispatch_done = False
+        self._full_since: float | None = None
+        self._routed: dict[str, int] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -293,17 +302,31 @@ class SinkConsumer:
         consumer = self._consumer
         assignment = consumer.assignment()
         inflight = self.inflight_events
-        # Bounded memory: past the cap (or while the destination refuses our credentials) stop
-        # fetching rather than growing.
-        if inflight >= self.cfg.max_inflight_events or self.state == PAUSED:
+        room = self.cfg.max_inflight_events - inflight
+        now = time.monotonic()
+        if room > 0:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        # Bounded memory: past the cap take nothing more. Pause the partitions only when the cap
+        # has held for a while (the destination is down) or it refuses our credentials.
+        full = self._full_since is not None and now - self._full_since >= _PAUSE_AFTER_FULL_S
+        if full or self.state == PAUSED:
             consumer.pause(*assignment)
         else:
             consumer.resume(*assignment)
         self.metrics.inflight.set(inflight)
-        # Keep polling even when paused: that is what keeps this member in the group.
-        batches = await consumer.getmany(
-            timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records
-        )
+        if room <= 0 and not (full or self.state == PAUSED):
+            # Full for a moment: deliveries free room within milliseconds; aiokafka keeps its
+            # prefetched records meanwhile.
+            await asyncio.sleep(_FULL_WAIT_S)
+            batches = {}
+        else:
+            # Keep polling even when paused: that is what keeps this member in the group.
+            batches = await consumer.getmany(
+                timeout_ms=self.cfg.poll_timeout_ms,
+                max_records=max(1, min(self.cfg.max_poll_records, room)),
+            )
         for tp, records in batches.items():
             offsets = self._offsets.get(tp)
             if offsets is None:  # revoked between fetch and here
@@ -311,6 +334,10 @@ class SinkConsumer:
             self.metrics.consumed.inc(len(records))
             for record in records:
                 await self._take(tp, offsets, record.offset, record.value)
+        if self._routed:
+            for rule_id, count in self._routed.items():
+                self.metrics.rule(rule_id).routed.inc(count)
+            self._routed.clear()
         self._ready.extend(self.batcher.due(time.monotonic()))
         if self._ready:
             self._wake.set()
@@ -355,7 +382,7 @@ class SinkConsumer:
             self.metrics.filtered.inc()
         now = time.monotonic()
         for output in routed:
-            self.metrics.rule(output.rule_id).routed.inc()
+            self._routed[output.rule_id] = self._routed.get(output.rule_id, 0) + 1
             key = idempotency_key(event.id, self.sink.name, output.rule_id)
             refused: tuple[str, str] | None = None
             try:
@@ -545,10 +572,10 @@ class SinkConsumer:
             self._delivered(items)
             if self.state == PAUSED:
                 log.info("sink %s resumed: the destination accepts requests again", self.sink.name)
-                # Everything parked behind the pause may go now.
-                self._ready.extend(s.items for s in self._scheduled)
-                self._scheduled.clear()
-                self._wake.set()
+            if self._scheduled:
+                # The destination answers again: what waits on a backoff or a pause probe may go
+                # now (the concurrency and rate limits pace it), not after its own backoff.
+                self._release_scheduled()
             if self.state != HEALTHY and not self._scheduled:
                 self._set_state(HEALTHY)
             return
@@ -614,6 +641,7 @@ class SinkConsumer:
         self._set_state(DEGRADED)
         attempts = max(i.attempts for i in items)
         delay = self.policy.delay(attempts, outcome.after_s)
+        after = min(outcome.after_s, self.policy.max_retry_after_s) if outcome.after_s else 0.0
         self.metrics.retried.inc(len(items))
         log.warning(
             "sink %s: %d event(s) retry in %.1fs (attempt %d): %s",
@@ -623,7 +651,7 @@ class SinkConsumer:
             attempts,
             self.redact(outcome.reason),
         )
-        self._schedule(items, delay)
+        self._schedule(items, delay, not_before=now + after)
 
     def _hold(self, items: list[Item], delay: float, reason: str) -> None:
         """Park items until a quota window passes: no attempt limit, the retry clock restarts."""
@@ -636,13 +664,25 @@ class SinkConsumer:
         restart = time.monotonic() + delay
         for item in items:
             item.first_attempt_mono = restart
-        self._schedule(items, delay)
+        self._schedule(items, delay, not_before=restart)
 
-    def _schedule(self, items: list[Item], delay: float) -> None:
+    def _schedule(self, items: list[Item], delay: float, not_before: float = 0.0) -> None:
         heapq.heappush(
-            self._scheduled, _Scheduled(time.monotonic() + delay, next(self._seq), items)
+            self._scheduled,
+            _Scheduled(time.monotonic() + delay, next(self._seq), items, not_before),
         )
         self._wake.set()
+
+    def _release_scheduled(self) -> None:
+        """Send every scheduled batch now, except those a Retry-After or quota hold keeps."""
+        now = time.monotonic()
+        kept = [s for s in self._scheduled if s.not_before > now]
+        released = sorted(s for s in self._scheduled if s.not_before <= now)
+        if released:
+            self._scheduled = kept
+            heapq.heapify(self._scheduled)
+            self._ready.extend(s.items for s in released)
+            self._wake.set()
 
     def _set_state(self, state: str) -> None:
         self.state = state

@@ -566,3 +566,42 @@ async def test_in_flight_events_stay_bounded_during_an_outage(
     # Fetching stops at the cap: at most one poll's worth of records beyond it.
     assert peak <= cap + poll
     assert paused  # the partitions are paused while the consumer keeps polling
+
+
+async def test_recovery_releases_backed_off_batches_but_keeps_retry_after(
+    broker: Broker, server: tuple[Destination, str], rules_dir: Path
+) -> None:
+    """Once the destination answers again, batches waiting on their own backoff go at once.
+
+    Ten batches fail with 503 and back off for up to 60 s each (full jitter); one other batch got
+    a 429 with Retry-After: 30. The first success (a fresh event) releases the ten, so they
+    arrive within seconds; the Retry-After batch keeps waiting, as the destination asked.
+    """
+    destination, url = server
+    destination.script = [Fault(status=429, retry_after="30")]
+    destination.default = Fault(status=503)
+    topic = unique_topic()
+    settings = rig_settings(
+        broker, topic, rules_dir, url,
+        ROUTER_SINKS__FAKE__MAX_EVENTS="10",
+        ROUTER_CONSUMER__RETRY_BASE_S="60",
+        ROUTER_CONSUMER__RETRY_CAP_S="60",
+    )  # fmt: skip
+    events = [track_event(i) for i in range(110)]
+    await publish(settings, events)
+    running = await start_consumer(settings)
+    try:
+        await wait_until(lambda: len(destination.requests) >= 11, 30, "every first attempt")
+        destination.default = Fault()
+        fresh = track_event(1000)
+        await publish(settings, [fresh])
+        await wait_until(lambda: len(destination.delivered_event_ids()) >= 101, 15, "recovery")
+        await asyncio.sleep(1.0)
+        delivered = destination.delivered_event_ids()
+    finally:
+        await running.close()
+    assert fresh.id in delivered
+    # Everything but the batch that was told to wait 30 s.
+    assert len(delivered) == 101
+    first_statuses = [status for _, status, _ in destination.requests[:11]]
+    assert first_statuses == [429] + [503] * 10
