@@ -642,6 +642,11 @@ class SinkConsumer:
         attempts = max(i.attempts for i in items)
         delay = self.policy.delay(attempts, outcome.after_s)
         after = min(outcome.after_s, self.policy.max_retry_after_s) if outcome.after_s else 0.0
+        key = items[0].group
+        if status == 429 and key is not None and after:
+            # Rate-limited per key (Slack: per channel): the messages queued for the same key
+            # wait too, not only the ones that got the 429.
+            self.limiter.hold(now, key, after)
         self.metrics.retried.inc(len(items))
         log.warning(
             "sink %s: %d event(s) retry in %.1fs (attempt %d): %s",

@@ -23,7 +23,8 @@ Outcomes (both transports): ``invalid_payload``, ``no_text``, ``too_many_attachm
 ``missing_scope``, a removed webhook (``no_service``) and the like pause the sink: they are
 configuration problems (alert, don't drop), and the events wait. HTTP 429 (or ``rate_limited``)
 and 5xx are retried, never sooner than the integer ``Retry-After``. The delivery layer keeps to
-Slack's 1 message per second per channel with a short burst (``per_key_rate_per_s``).
+Slack's 1 message per second per channel with a short burst (``per_key_rate_per_s``), and a 429's
+``Retry-After`` holds that channel's bucket, so queued messages to it wait too.
 
 Settings (``sinks.slack``): ``webhook_url`` (a secret: a string, ``{env: NAME}`` or ``{file:
 PATH}``), or ``bot_token`` (a secret) with ``channel`` (the default channel) and ``endpoint``

@@ -36,6 +36,11 @@ class TokenBucket:
         self._refill(now)
         self.tokens -= cost
 
+    def hold(self, now: float, seconds: float) -> None:
+        """Empty the bucket so that the next token comes ``seconds`` from now, not sooner."""
+        self._refill(now)
+        self.tokens = min(self.tokens, 1.0 - seconds * self.rate)
+
 
 class RateLimiter:
     """A sink-wide bucket and, when ``per_key_rate`` is set, one bucket per key."""
@@ -80,6 +85,16 @@ class RateLimiter:
             self._global.take(now, cost)
         if key is not None and self._per_key_rate:
             self._bucket(key, now).take(now, 1.0)
+
+    def hold(self, now: float, key: str, seconds: float) -> bool:
+        """The destination said "not before ``seconds``" for ``key``: hold that key's bucket.
+
+        Returns False (nothing held) when this limiter has no per-key buckets.
+        """
+        if not self._per_key_rate or seconds <= 0:
+            return False
+        self._bucket(key, now).hold(now, seconds)
+        return True
 
     @property
     def keys(self) -> int:

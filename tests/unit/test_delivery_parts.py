@@ -94,6 +94,18 @@ def test_per_key_limits_are_independent_and_bounded() -> None:
     assert limiter.keys <= 10_002  # idle keys are forgotten
 
 
+def test_a_hold_delays_only_its_key_then_the_rate_resumes() -> None:
+    limiter = RateLimiter(rate=100, per_key_rate=1, per_key_burst=2)
+    assert limiter.hold(0.0, "#a", 30.0)
+    assert limiter.wait_time(0.0, "#a") == pytest.approx(30.0)
+    assert limiter.wait_time(29.9, "#a") == pytest.approx(0.1)
+    assert limiter.wait_time(0.0, "#b") == 0  # another channel is not held
+    assert limiter.wait_time(30.0, "#a") == pytest.approx(0.0, abs=1e-6)
+    limiter.take(30.0, "#a")
+    assert limiter.wait_time(30.0, "#a") == pytest.approx(1.0)  # one per second again, no burst
+    assert not RateLimiter(rate=10).hold(0.0, "#a", 5.0)  # no per-key buckets: nothing held
+
+
 def test_global_rate_limit() -> None:
     limiter = RateLimiter(rate=10, burst=10)
     for _ in range(10):
