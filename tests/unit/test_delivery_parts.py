@@ -197,3 +197,22 @@ def test_never_commits_past_an_unfinished_event(order: list[int], done: int) -> 
     position = offsets.committable()
     unfinished = set(range(30)) - finished
     assert position == (min(unfinished) if unfinished else 30)
+
+
+def test_log_throttle_samples_one_line_per_interval_and_counts_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from router import consumer
+
+    clock = [100.0]
+    monkeypatch.setattr(consumer.time, "monotonic", lambda: clock[0])
+    throttle = consumer._LogThrottle(interval_s=10.0)
+    assert throttle.allow("retry") == (True, "")
+    assert throttle.allow("retry") == (False, "")
+    assert throttle.allow("dead_letter:too_large") == (True, "")  # kinds are independent
+    clock[0] = 105.0
+    assert throttle.allow("retry") == (False, "")
+    clock[0] = 112.0
+    assert throttle.allow("retry") == (True, " (+2 similar in the last 12s)")
+    clock[0] = 130.0
+    assert throttle.allow("retry") == (True, "")  # nothing held back since
