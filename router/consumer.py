@@ -199,6 +199,7 @@ class SinkConsumer:
         self._dispatch_done = False
         self._full_since: float | None = None
         self._log_throttle = _LogThrottle()
+        self.health = "not run"
         self._routed: dict[str, int] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -591,6 +592,44 @@ class SinkConsumer:
             time.perf_counter() - started
         )
         return self.sink.classify(request, result), result.status, body
+
+    async def healthcheck(self) -> str:
+        """Send the sink's start-up probe once, as Vector does; the result is logged, not fatal.
+
+        "passed", "skipped: ..." (no probe: a dry run, or an API without a free check) or
+        "failed: ...". A failed check stops nothing: the pause and retry logic deals with the
+        destination when events flow; this tells the operator at once.
+        """
+        probe = getattr(self.sink, "health_request", None)
+        request = probe() if callable(probe) else None
+        if request is None:
+            self.health = "skipped: the sink has no probe request (dry run, or none free)"
+            log.info("sink %s healthcheck %s", self.sink.name, self.health)
+            return self.health
+        assert self._session is not None
+        try:
+            async with self._session.request(
+                request.method, request.url, headers=dict(request.headers), data=request.body
+            ) as response:
+                result = HttpResponse(
+                    response.status,
+                    {k.lower(): v for k, v in response.headers.items()},
+                    await response.read(),
+                )
+            outcome = self.sink.classify(request, result)
+            if isinstance(outcome, Delivered):
+                self.health = "passed"
+            else:
+                reason = getattr(outcome, "reason", "") or type(outcome).__name__
+                self.health = f"failed: HTTP {result.status}: {reason}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.health = f"failed: network: {exc.__class__.__name__}: {exc}"
+        self.health = self.redact(self.health)
+        if self.health == "passed":
+            log.info("sink %s healthcheck passed", self.sink.name)
+        else:
+            log.error("sink %s healthcheck %s", self.sink.name, self.health)
+        return self.health
 
     async def _settle(
         self, outcome: Outcome, items: list[Item], status: int | None, body: bytes

@@ -50,6 +50,7 @@ def health_app(consumer: SinkConsumer, registry: CollectorRegistry) -> web.Appli
             "state": consumer.state,
             "ruleset": consumer.rules.current.hash,
             "inflight_events": consumer.inflight_events,
+            "healthcheck": consumer.health,
         }
         return web.json_response(body, status=200 if ready else 503)
 
@@ -115,10 +116,14 @@ async def run_sink(settings: Settings, name: str) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     watcher = asyncio.create_task(live.watch(settings.rules.reload_interval_s, stop))
+    # Beside consumption, not before it: a slow or failing destination is the delivery layer's
+    # business (retry, pause); the check only tells the operator early.
+    healthcheck = asyncio.create_task(consumer.healthcheck())
     try:
         await consumer.run(stop)
     finally:
         stop.set()
+        healthcheck.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(watcher, 5)
         await runner.cleanup()

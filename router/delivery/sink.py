@@ -125,6 +125,8 @@ class Sink(Protocol):
     logs each request, secrets masked, and counts it as delivered without sending it. And it may
     offer ``secrets() -> list[str]``: every form its credentials take on the wire (a Basic
     token, a key resolved from a file), so that logs and dead letters never show them.
+    And ``health_request() -> HttpRequest | None``: a request that proves the endpoint (and, where
+    the API allows, the credentials) without sending data, run once at start-up.
     """
 
     name: str
