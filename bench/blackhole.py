@@ -15,14 +15,12 @@ Usage: ``python bench/blackhole.py --port PORT``; SIGTERM or SIGINT stops it.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import signal
 import sys
 import time
 
 import msgspec
 from aiohttp import web
+from common import add_healthz, serve_main
 
 CLIENT_MAX_SIZE = 64 * 1024 * 1024  # larger than any batch the benchmark configures
 _OK = b"{}"
@@ -108,41 +106,21 @@ def create_app(counters: Counters) -> web.Application:
     async def keys(request: web.Request) -> web.Response:
         return web.json_response(sorted(counters.keys))
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(body=_OK, content_type="application/json")
-
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app.router.add_post("/collect", collect)
     app.router.add_get("/stats", stats)
     app.router.add_get("/keys", keys)
     app.router.add_post("/control", control)
-    app.router.add_get("/healthz", healthz)
+    add_healthz(app, _OK)
     return app
 
 
-async def serve(host: str, port: int) -> int:
-    runner = web.AppRunner(create_app(Counters()), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stderr.write(f"blackhole listening on http://{host}:{port}/collect\n")
-    await stop.wait()
-    await runner.cleanup()
-    return 0
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    import uvloop
-
-    return uvloop.run(serve(args.host, args.port))
+    return serve_main(
+        __doc__.splitlines()[0],
+        lambda: create_app(Counters()),
+        "blackhole listening on http://{host}:{port}/collect",
+    )
 
 
 if __name__ == "__main__":

@@ -67,35 +67,51 @@ import http.client
 import importlib
 import json
 import os
-import platform
 import random
-import re
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import msgspec
 import payloads
-import profile_summary
-from ingest_bench import (
-    code_version,
-    cpu_model,
+from common import (
+    BENCH,
+    HOST,
+    KAFKA_ENV,
+    ROOT,
+    BenchError,
+    Children,
+    Kafka,
+    bench_run,
+    code_line,
+    command_line,
     find_py_spy,
+    fmt,
     free_port,
-    kafka_version,
+    log_problems,
+    log_problems_note,
     log_tail,
     machine_jiffies,
+    machine_line,
+    make_log,
+    make_workdir,
+    notes_lines,
     proc_cpu_s,
-    version,
+    run_header,
+    software_line,
+    start_py_spy,
+    started_utc,
+    summarise_py_spy,
+    targets_lines,
+    wait_http_ok,
+    write_report,
 )
 
 from router.bus import KafkaBus
@@ -105,10 +121,6 @@ from router.rules.engine import Failed, RuleSet
 from router.rules.live import LiveRules, RulesError
 from router.settings import KafkaSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
-KAFKACTL = ROOT / "deploy" / "kafka" / "kafkactl"
-HOST = "127.0.0.1"
 SINK = "fake"
 TOKEN = "bench-token"  # noqa: S105  (the blackhole checks nothing)
 MAX_BYTES = 8 * 1024 * 1024
@@ -124,7 +136,6 @@ MARKERS = {
     "throughput": ("<!-- consumer-bench:start -->", "<!-- consumer-bench:end -->"),
     "outage": ("<!-- consumer-outage:start -->", "<!-- consumer-outage:end -->"),
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 RULES = """\
 sink: fake
@@ -186,56 +197,7 @@ tests:
 """
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
-
-
-def log(message: str) -> None:
-    sys.stderr.write(f"[consumer-bench {time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stderr.flush()
-
-
-# ---- processes ---------------------------------------------------------------------------------
-
-
-class Children:
-    """Every subprocess started by this run; all of them are stopped by :meth:`stop_all`."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[Any]] = []
-
-    def start(self, argv: list[str], log_path: Path | None, **kwargs: Any) -> subprocess.Popen[Any]:
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if log_path is not None:
-            out = log_path.open("wb")
-        kwargs.setdefault("stdout", out)  # never onto our stdout, which carries the report
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, stderr=out, start_new_session=True, **kwargs)
-        if not isinstance(out, int):
-            out.close()  # the child has its own copy
-        self.procs.append(proc)
-        return proc
-
-    @staticmethod
-    def stop(
-        proc: subprocess.Popen[Any], grace_s: float = 30.0, sig: int = signal.SIGTERM
-    ) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(10)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                self.stop(proc, grace_s=10.0)
-        self.procs.clear()
+log = make_log("consumer-bench")
 
 
 def http_json(port: int, method: str, path: str, timeout_s: float = 5.0) -> Any:
@@ -249,26 +211,11 @@ def http_json(port: int, method: str, path: str, timeout_s: float = 5.0) -> Any:
         conn.close()
 
 
-def wait_http_ok(
+def wait_ready(
     port: int, path: str, proc: subprocess.Popen[Any], log_path: Path, timeout_s: float
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(
-                f"{path}: process exited with {proc.returncode} during start-up:\n"
-                f"{log_tail(log_path)}"
-            )
-        try:
-            status, body = http_json(port, "GET", path, timeout_s=2)
-            if status == 200:
-                return
-            last = f"{status} {body}"
-        except (OSError, ValueError) as exc:
-            last = repr(exc)
-        time.sleep(0.02)
-    raise BenchError(f"not ready on :{port}{path} after {timeout_s:g}s ({last})")
+    # Polled every 20 ms: a run's start-up seconds end when this returns.
+    wait_http_ok(port, path, proc, log_path, timeout_s, poll_s=0.02, who=f"{path}: process")
 
 
 def rss_kib(pid: int) -> int | None:
@@ -281,96 +228,19 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def log_problems(path: Path) -> collections.Counter[str]:
-    """WARNING/ERROR lines of a process log, counted by message (numbers folded to N)."""
-    problems: collections.Counter[str] = collections.Counter()
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return problems
-    for line in lines:
-        match = re.search(r" (WARNING|ERROR|CRITICAL) (.*)$", line)
-        if match:
-            text = re.sub(r"\d+(\.\d+)?", "N", match.group(2))[:160]
-            problems[f"{match.group(1)} {text}"] += 1
-    return problems
-
-
 # ---- Kafka -------------------------------------------------------------------------------------
 
 
-class Kafka:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.bootstrap = f"{HOST}:{port}"
-        self.started_here = False
-        state_root = Path(os.environ.get("KAFKA_STATE_DIR") or ROOT / ".local")
-        self.pid_file = state_root / f"kafka-{port}" / "kafka.pid"
-
-    def ctl(self, command: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "KAFKA_PORT": str(self.port)}
-        return subprocess.run(
-            [str(KAFKACTL), command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-
-    def ensure_running(self) -> None:
-        if self.ctl("status", timeout_s=60).returncode == 0:
-            log(f"kafka: using the running broker on {self.bootstrap}")
-            return
-        log(f"kafka: starting a broker on {self.bootstrap} (deploy/kafka/kafkactl start)")
-        result = self.ctl("start")
-        if result.returncode != 0:
-            raise BenchError(f"kafkactl start failed:\n{result.stdout}\n{result.stderr}")
-        self.started_here = True
-
-    def stop_if_started(self) -> None:
-        if self.started_here:
-            log(f"kafka: stopping the broker this run started on {self.bootstrap}")
-            result = self.ctl("stop")
-            if result.returncode != 0:
-                log(f"kafka: kafkactl stop failed:\n{result.stdout}\n{result.stderr}")
-            self.started_here = False
-
-    def pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def settings(self, topic: str) -> KafkaSettings:
-        return KafkaSettings(
-            bootstrap_servers=self.bootstrap,
-            topic=topic,
-            partitions=3,
-            retention_ms=3_600_000,
-            client_id="consumer-bench",
-            startup_timeout_s=60,
-        )
-
-    def delete_topics(self, topics: list[str]) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        async def delete() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=15_000)
-            await asyncio.wait_for(admin.start(), 20)
-            try:
-                existing = set(await asyncio.wait_for(admin.list_topics(), 20))
-                gone = [t for t in topics if t in existing]
-                if gone:
-                    await asyncio.wait_for(admin.delete_topics(gone, timeout_ms=15_000), 20)
-            finally:
-                await asyncio.wait_for(admin.close(), 10)
-
-        try:
-            asyncio.run(delete())
-            log(f"kafka: deleted topics {', '.join(topics)}")
-        except Exception as exc:
-            log(f"kafka: could not delete topics {topics}: {exc!r}")
+def kafka_settings(kafka: Kafka, topic: str) -> KafkaSettings:
+    """The bench topic on the bench broker, as the producer in this process publishes to it."""
+    return KafkaSettings(
+        bootstrap_servers=kafka.bootstrap,
+        topic=topic,
+        partitions=3,
+        retention_ms=3_600_000,
+        client_id="consumer-bench",
+        startup_timeout_s=60,
+    )
 
 
 async def group_progress(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
@@ -624,16 +494,10 @@ def stop_consumer(
     if code != 0:
         notes.append(f"{name}: the consumer exited with {code} after SIGTERM.")
         log(f"{name}: consumer exited with {code}:\n{log_tail(log_path)}")
-    problems = log_problems(log_path)
-    if problems:
-        total = sum(problems.values())
-        log(f"{name}: the consumer logged {total} warning(s)/error(s):")
-        for message, count in problems.most_common(8):
-            log(f"  {count} x {message}")
-        top, count = problems.most_common(1)[0]
-        notes.append(
-            f"{name}: the consumer logged {total} warning/error line(s), e.g. {count} x `{top}`."
-        )
+    problems = log_problems(log_path, fold_numbers=True)
+    note = log_problems_note(problems, f"{name}: the consumer", log, shown=8)
+    if note:
+        notes.append(f"{name}: the consumer {note}")
     return code
 
 
@@ -737,7 +601,7 @@ def run_consumer(
     proc = start_consumer(children, config, log_path, args.router_cmd)
     profiler: subprocess.Popen[Any] | None = None
     try:
-        wait_http_ok(health, "/readyz", proc, log_path, timeout_s=120)
+        wait_ready(health, "/readyz", proc, log_path, timeout_s=120)
         ready_at = time.monotonic()
         cpu_ready = proc_cpu_s(proc.pid)
         bh_ready, broker_ready, machine_ready = (
@@ -789,7 +653,7 @@ def run_consumer(
         _, stats = http_json(bh_port, "GET", "/stats")
     finally:
         if profiler is not None:
-            Children.stop(profiler, sig=signal.SIGINT)
+            Children.stop(profiler, grace_s=30.0, sig=signal.SIGINT)
         code = stop_consumer(proc, log_path, notes, name)
     dead = topic_records(kafka.bootstrap, topics.dlq) - dlq_before
     busy = (machine_done[0] - machine_ready[0]) / max(1, machine_done[1] - machine_ready[1])
@@ -921,21 +785,13 @@ def start_profiler(
     children: Children, args: argparse.Namespace, name: str, pid: int
 ) -> subprocess.Popen[Any]:
     """py-spy on the consumer for the measured window, non-blocking; SIGINT ends it."""
-    out = args.profile / f"{name}.txt"
-    argv = [args.py_spy, "record", "--nonblocking", "--rate", "250", "--format", "raw"]
-    argv += ["--pid", str(pid), "--output", str(out)]
-    return children.start(argv, args.profile / f"{name}.py-spy.log")
+    return start_py_spy(children, args.py_spy, args.profile, name, pid)
 
 
 def finish_profiler(proc: subprocess.Popen[Any], args: argparse.Namespace, name: str) -> None:
     Children.stop(proc, grace_s=30, sig=signal.SIGINT)
-    out = args.profile / f"{name}.txt"
-    if not out.exists():
-        log(f"{name}: py-spy wrote no profile:\n{log_tail(out.with_suffix('.py-spy.log'))}")
-        return
-    summary = profile_summary.summarise(out, top=30)
-    (args.profile / f"{name}-summary.txt").write_text(summary + "\n")
-    log(f"{name}: profile in {out}, summary in {name}-summary.txt")
+    if summarise_py_spy(args.profile, name, log) is not None:
+        log(f"{name}: profile in {args.profile / f'{name}.txt'}, summary in {name}-summary.txt")
 
 
 # ---- blackhole ---------------------------------------------------------------------------------
@@ -950,7 +806,7 @@ def blackhole_server(children: Children, workdir: Path) -> Iterator[tuple[int, i
         log_path,
     )
     try:
-        wait_http_ok(port, "/healthz", proc, log_path, timeout_s=30)
+        wait_ready(port, "/healthz", proc, log_path, timeout_s=30)
         log(f"blackhole ready on :{port} (PID {proc.pid})")
         yield port, proc.pid
     finally:
@@ -979,7 +835,7 @@ def prepare_topic(
         f"{expected.items:,} items ({args.item_bytes:.0f} bytes each; per rule "
         f"{dict(expected.per_rule)}) in {time.monotonic() - started:.1f}s"
     )
-    took = publish_all(kafka.settings(topics.events), records)
+    took = publish_all(kafka_settings(kafka, topics.events), records)
     log(f"published {len(records):,} events to {topics.events} in {took:.1f}s")
     args.publish_s = took
     return expected, sink
@@ -1080,7 +936,7 @@ async def outage_scenario(
     sink = fake_sink(args.url, args.outage_batch, args.concurrency)
     expected = Expected(load_ruleset(workdir), sink)
     source = EventSource(seed=5)
-    bus = KafkaBus(kafka.settings(topics.events))
+    bus = KafkaBus(kafka_settings(kafka, topics.events))
     await bus.start()  # creates the topic
     health = free_port()
     group_prefix = f"{topics.events}.outage-"
@@ -1105,7 +961,7 @@ async def outage_scenario(
             await response.read()
         proc = start_consumer(children, config, log_path, args.router_cmd)
         try:
-            await asyncio.to_thread(wait_http_ok, health, "/readyz", proc, log_path, 120)
+            await asyncio.to_thread(wait_ready, health, "/readyz", proc, log_path, 120)
             ready_at = time.monotonic()
             rss_ready = (rss_kib(proc.pid) or 0) / 1024
             log(f"outage: consumer ready (RSS {rss_ready:.1f} MiB); producing {args.rate:g}/s")
@@ -1256,41 +1112,19 @@ def run_outage(
 # ---- report ------------------------------------------------------------------------------------
 
 
-def command_line() -> str:
-    argv = [os.path.relpath(sys.executable, Path.cwd()), *sys.argv]
-    env = [
-        f"{name}={shlex.quote(value)}"
-        for name, value in sorted(os.environ.items())
-        if name in ("KAFKA_PORT", "KAFKA_STATE_DIR", "CONSUMER_PATCHES")
-        or name.startswith("ROUTER_")
-    ]
-    return " ".join([*env, shlex.join(argv)])
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None or value != value else format(value, spec)
-
-
 def header(args: argparse.Namespace, kafka: Kafka, started: str, mode: str) -> list[str]:
     start, _ = MARKERS[mode]
-    affinity = len(os.sched_getaffinity(0))
     return [
         start,
-        f"Run {started} UTC, command:",
-        "",
-        "```sh",
-        command_line(),
-        "```",
-        "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores ({affinity} usable), "
-        f"{platform.system()} {platform.release()}; shared by the broker, the consumer, the "
-        "blackhole and whatever else runs on it.",
-        f"- Software: Python {platform.python_version()}, aiohttp {version('aiohttp')}, "
-        f"aiokafka {version('aiokafka')}, msgspec {version('msgspec')}, uvloop "
-        f"{version('uvloop')}, prometheus-client {version('prometheus-client')}; Kafka "
-        f"{kafka_version()} (one local KRaft broker, {kafka.bootstrap}).",
-        f"- Code: {code_version()}"
-        + (f", run through `{args.router_cmd}`." if args.router_cmd else "."),
+        *run_header(started, command_line((*KAFKA_ENV, "CONSUMER_PATCHES"))),
+        machine_line(
+            "shared by the broker, the consumer, the blackhole and whatever else runs on it."
+        ),
+        software_line(
+            ("aiohttp", "aiokafka", "msgspec", "uvloop", "prometheus-client"),
+            f"; {kafka.describe()}.",
+        ),
+        code_line(args.router_cmd),
     ]
 
 
@@ -1391,18 +1225,14 @@ def throughput_report(
             f"{fmt(broker, '.0f')}% | {r.machine_busy * (os.cpu_count() or 1) * 100:.0f}% | "
             f"{r.work_s:.1f} |"
         )
-    out += ["", "Targets:", ""]
-    out += [
-        f"- **{'PASS' if ok else 'FAIL'}** {text}" for ok, text in throughput_targets(results, bare)
-    ]
+    out += targets_lines(throughput_targets(results, bare))
     if args.profile:
         notes.append(
             f"Profiled run (py-spy attached during each window, profiles in {args.profile}): "
             "py-spy competes for the same cores, so these figures are not comparable with "
             "unprofiled runs."
         )
-    if notes:
-        out += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    out += notes_lines(notes)
     out.append(MARKERS["throughput"][1])
     return "\n".join(out) + "\n"
 
@@ -1468,28 +1298,10 @@ def outage_report(
             f"{max(s.rss_mib for s in group):.1f} | {max(inflight) if inflight else 'n/a'} | "
             f"{', '.join(states)} |"
         )
-    out += ["", "Targets:", ""]
-    out += [f"- **{'PASS' if ok else 'FAIL'}** {text}" for ok, text in outage_targets(r)]
-    if notes:
-        out += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    out += targets_lines(outage_targets(r))
+    out += notes_lines(notes)
     out.append(MARKERS["outage"][1])
     return "\n".join(out) + "\n"
-
-
-def write_report(path: Path, text: str, mode: str) -> None:
-    start, end = MARKERS[mode]
-    if path.exists():
-        current = path.read_text()
-        if start in current and end in current:
-            before, rest = current.split(start, 1)
-            after = rest.split(end, 1)[1].removeprefix("\n")
-            path.write_text(before + text + after)
-        else:
-            path.write_text(current.rstrip("\n") + "\n\n" + text)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    log(f"wrote the report into {path}")
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -1523,7 +1335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--router-cmd",
         help="run this instead of `python -m router.cli` (`--config CFG sink fake` is appended), "
-        'e.g. "python bench/consumer_patched.py" to measure proposed patches',
+        "e.g. a wrapper script that patches router first, to measure a proposed change",
     )
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -1540,23 +1352,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-    # SIGTERM ends the run like Ctrl-C: the finally blocks stop what this run started.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    kafka = Kafka(int(os.environ.get("KAFKA_PORT", "19092")))
-    children = Children()
+    started = started_utc()
     notes: list[str] = []
     mode = "outage" if args.outage else "throughput"
     try:
-        with contextlib.ExitStack() as stack:
-            if args.workdir is not None:
-                workdir = args.workdir.resolve()
-                workdir.mkdir(parents=True, exist_ok=True)
-            else:
-                workdir = Path(
-                    stack.enter_context(tempfile.TemporaryDirectory(prefix="consumer-bench-"))
-                )
-            kafka.ensure_running()
+        with bench_run(log) as (kafka, children), contextlib.ExitStack() as stack:
+            workdir = make_workdir(stack, args.workdir, "consumer-bench-")
             if args.outage:
                 outage = run_outage(args, children, kafka, workdir, notes)
                 text = outage_report(args, outage, kafka, started, notes)
@@ -1565,15 +1366,11 @@ def main(argv: list[str] | None = None) -> int:
                 results, bare = run_throughput(args, children, kafka, workdir, notes)
                 text = throughput_report(args, results, bare, kafka, started, notes)
                 checks = throughput_targets(results, bare)
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 2
-    finally:
-        children.stop_all()
-        kafka.stop_if_started()
+    except BenchError:
+        return 2  # bench_run logged why
     sys.stdout.write(text)
     if args.write:
-        write_report(args.write, text, mode)
+        write_report(args.write, text, MARKERS[mode], log)
     if args.check and not all(ok for ok, _ in checks):
         return 1
     return 0

@@ -43,13 +43,10 @@ import contextlib
 import json
 import math
 import os
-import platform
 import queue
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -58,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from ingest_bench import (
+from common import (
+    BENCH,
     HOST,
     INTEGRATION_KEY,
     ROOT,
@@ -66,21 +64,25 @@ from ingest_bench import (
     BenchError,
     Children,
     Kafka,
+    bench_run,
     code_version,
     command_line,
-    cpu_model,
+    fmt,
     free_port,
-    kafka_version,
     line_reader,
+    log_problems,
     log_tail,
     machine_jiffies,
+    machine_line,
+    make_log,
+    make_workdir,
     proc_cpu_s,
-    server_log_problems,
-    version,
+    run_header,
+    software_line,
+    started_utc,
     wait_http_ok,
 )
 
-BENCH = ROOT / "bench"
 SINKS = ("segment", "mixpanel", "amplitude", "ga4", "slack")
 ROUTES = {  # load kind -> sinks its events reach (rules/*.yaml)
     "track": ("segment", "mixpanel", "amplitude", "ga4"),
@@ -93,9 +95,7 @@ METRICS = ("router_sink_dead_lettered_total", "router_sink_mapping_errors_total"
 METRICS += ("router_sink_retried_total",)
 
 
-def log(message: str) -> None:
-    sys.stderr.write(f"[e2e-bench {time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stderr.flush()
+log = make_log("e2e-bench")
 
 
 def http_get(port: int, path: str, timeout_s: float = 10.0) -> bytes:
@@ -505,7 +505,7 @@ def run(args: argparse.Namespace, children: Children, kafka: Kafka, workdir: Pat
     for name, p in procs.items():
         if name in ("emulators", "loadgen"):
             continue
-        found = server_log_problems(p.log)
+        found = log_problems(p.log)
         if found:
             problems[name] = found.most_common(3)
     return {
@@ -525,26 +525,18 @@ def run(args: argparse.Namespace, children: Children, kafka: Kafka, workdir: Pat
 # ---- report ------------------------------------------------------------------------------------
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None or value != value else format(value, spec)
-
-
 def report(args: argparse.Namespace, result: dict[str, Any], kafka: Kafka, started: str) -> str:
     window = result["window_s"]
     summary = result["summary"]
     out = [
-        f"Run {started} UTC, command:",
-        "",
-        "```sh",
-        command_line(),
-        "```",
-        "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} "
-        f"usable), {platform.system()} {platform.release()}; the broker, the ingest, five "
-        "consumers, the emulators and the load generator all share it.",
-        f"- Software: Python {platform.python_version()}, aiohttp {version('aiohttp')}, "
-        f"aiokafka {version('aiokafka')}, uvloop {version('uvloop')}; Kafka {kafka_version()} "
-        f"(one local KRaft broker, {kafka.bootstrap}); {code_version()}.",
+        *run_header(started, command_line()),
+        machine_line(
+            "the broker, the ingest, five consumers, the emulators and the load generator all "
+            "share it."
+        ),
+        software_line(
+            ("aiohttp", "aiokafka", "uvloop"), f"; {kafka.describe()}; {code_version()}."
+        ),
         f"- Load (open loop, fixed rate): {args.track_rate:g} track events/s as Track-API batches"
         f" of {args.batch}, {args.webhook_rate:g} signed guide webhooks/s, {args.nps_rate:g} "
         f"NPS webhooks/s; warm-up {args.warmup:g} s then a {window:.1f} s measured window. "
@@ -625,28 +617,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    kafka = Kafka(int(os.environ.get("KAFKA_PORT", "19092")))
-    children = Children()
+    started = started_utc()
     try:
-        with contextlib.ExitStack() as stack:
-            if args.workdir is not None:
-                workdir = args.workdir.resolve()
-                workdir.mkdir(parents=True, exist_ok=True)
-            else:
-                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="e2e-")))
-            kafka.ensure_running()
+        with bench_run(log) as (kafka, children), contextlib.ExitStack() as stack:
+            workdir = make_workdir(stack, args.workdir, "e2e-")
             try:
                 result = run(args, children, kafka, workdir)
             finally:
-                children.stop_all()
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 2
-    finally:
-        children.stop_all()
-        kafka.stop_if_started()
+                children.stop_all()  # before the temp workdir (their logs) is deleted
+    except BenchError:
+        return 2  # bench_run logged why
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     sys.stdout.write(report(args, result, kafka, started))

@@ -43,44 +43,55 @@ for each ingest window and writes the raw profiles and a summary
 from __future__ import annotations
 
 import argparse
-import asyncio
-import collections
 import contextlib
-import http.client
-import importlib.metadata
 import os
-import platform
 import queue
-import re
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import msgspec
 import payloads
-import profile_summary
-
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
-KAFKACTL = ROOT / "deploy" / "kafka" / "kafkactl"
-KAFKA_LIBS = ROOT / "deploy" / "kafka" / "target" / "libs"
-HOST = "127.0.0.1"
-
-# Benchmark-only credentials, written into the temporary router config of each run.
-WEBHOOK_SECRET = "bench-webhook-secret"  # noqa: S105
-INTEGRATION_KEY = "bench-integration-key"
+from common import (
+    BENCH,
+    HOST,
+    INTEGRATION_KEY,
+    WEBHOOK_SECRET,
+    BenchError,
+    Children,
+    Kafka,
+    bench_run,
+    code_line,
+    command_line,
+    find_py_spy,
+    fmt,
+    free_port,
+    line_reader,
+    log_problems,
+    log_problems_note,
+    log_tail,
+    machine_jiffies,
+    machine_line,
+    make_log,
+    make_workdir,
+    notes_lines,
+    proc_cpu_s,
+    run_header,
+    software_line,
+    start_py_spy,
+    started_utc,
+    summarise_py_spy,
+    targets_lines,
+    wait_http_ok,
+    write_report,
+)
 
 # Targets (issue 2).
 HELLO_FRACTION = 0.6  # webhook CPU/request <= hello CPU/request / 0.6
@@ -88,7 +99,8 @@ EVENT_BUDGET_US = 1e6 / 150_000  # 6.67 µs of ingest CPU per batched event
 
 MARK_START = "<!-- ingest-bench:start -->"
 MARK_END = "<!-- ingest-bench:end -->"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+log = make_log("ingest-bench")
 
 
 @dataclass(frozen=True)
@@ -112,114 +124,7 @@ SCENARIOS = {
 POOL_SIZES = {"webhook": 16_384, "track100": 256, "track500": 64}
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
-
-
-# ---- processes ---------------------------------------------------------------------------------
-
-
-class Children:
-    """Every subprocess started by this run; all of them are stopped by :meth:`stop_all`."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[Any]] = []
-
-    def start(self, argv: list[str], log: Path | None, **kwargs: Any) -> subprocess.Popen[Any]:
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if log is not None:
-            out = log.open("wb")
-        kwargs.setdefault("stdout", out)  # never onto our stdout, which carries the report
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stderr=out, start_new_session=True, **kwargs
-        )
-        if log is not None and not isinstance(out, int):
-            out.close()  # the child has its own copy
-        self.procs.append(proc)
-        return proc
-
-    @staticmethod
-    def stop(proc: subprocess.Popen[Any], grace_s: float = 20.0) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(10)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                self.stop(proc, grace_s=10.0)
-        self.procs.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:]) or "(empty log)"
-
-
-def wait_http_ok(
-    port: int, path: str, proc: subprocess.Popen[Any], log: Path, timeout_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(
-                f"server exited with {proc.returncode} during start-up:\n{log_tail(log)}"
-            )
-        conn = http.client.HTTPConnection(HOST, port, timeout=2)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            body = response.read()
-            if response.status == 200:
-                return
-            last = f"{response.status} {body[:200]!r}"
-        except OSError as exc:
-            last = repr(exc)
-        finally:
-            conn.close()
-        time.sleep(0.25)
-    raise BenchError(f"server not ready on :{port}{path} after {timeout_s:g}s ({last})")
-
-
 # ---- CPU accounting ----------------------------------------------------------------------------
-
-
-def proc_cpu_s(pid: int | None) -> float | None:
-    """utime+stime of the whole process (all threads), in seconds; None if it is gone."""
-    if pid is None:
-        return None
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = data[data.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state): utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
-    idle = values[3] + values[4]
-    return total - idle, total
 
 
 @dataclass
@@ -243,70 +148,6 @@ def snapshot(server: int, loadgen: int, broker: int | None) -> Snapshot:
 
 def delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
-
-
-# ---- Kafka -------------------------------------------------------------------------------------
-
-
-class Kafka:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.bootstrap = f"{HOST}:{port}"
-        self.started_here = False
-        state_root = Path(os.environ.get("KAFKA_STATE_DIR") or ROOT / ".local")
-        self.pid_file = state_root / f"kafka-{port}" / "kafka.pid"
-
-    def ctl(self, command: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "KAFKA_PORT": str(self.port)}
-        return subprocess.run(
-            [str(KAFKACTL), command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-
-    def ensure_running(self) -> None:
-        if self.ctl("status", timeout_s=60).returncode == 0:
-            log(f"kafka: using the running broker on {self.bootstrap}")
-            return
-        log(f"kafka: starting a broker on {self.bootstrap} (deploy/kafka/kafkactl start)")
-        result = self.ctl("start")
-        if result.returncode != 0:
-            raise BenchError(f"kafkactl start failed:\n{result.stdout}\n{result.stderr}")
-        self.started_here = True
-
-    def stop_if_started(self) -> None:
-        if self.started_here:
-            log(f"kafka: stopping the broker this run started on {self.bootstrap}")
-            result = self.ctl("stop")
-            if result.returncode != 0:
-                log(f"kafka: kafkactl stop failed:\n{result.stdout}\n{result.stderr}")
-            self.started_here = False
-
-    def pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def delete_topic(self, topic: str) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        async def delete() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=15_000)
-            await asyncio.wait_for(admin.start(), 20)
-            try:
-                await asyncio.wait_for(admin.delete_topics([topic], timeout_ms=15_000), 20)
-            finally:
-                await asyncio.wait_for(admin.close(), 10)
-
-        try:
-            asyncio.run(delete())
-            log(f"kafka: deleted topic {topic}")
-        except Exception as exc:
-            log(f"kafka: could not delete topic {topic}: {exc!r}")
 
 
 # ---- one scenario ------------------------------------------------------------------------------
@@ -361,18 +202,6 @@ class Result:
     @property
     def server_util(self) -> float:
         return self.server_cpu_s / self.window_s
-
-
-def line_reader(stream: IO[bytes]) -> queue.Queue[bytes | None]:
-    lines: queue.Queue[bytes | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in iter(stream.readline, b""):
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
 
 
 def run_load(
@@ -475,21 +304,12 @@ def run_load(
 # ---- profiling (optional) ---------------------------------------------------------------------
 
 
-def find_py_spy(given: str | None) -> str | None:
-    if given:
-        return given if Path(given).exists() or shutil.which(given) else None
-    beside = Path(sys.executable).parent / "py-spy"
-    return str(beside) if beside.exists() else shutil.which("py-spy")
-
-
 def start_profiler(
     children: Children, args: argparse.Namespace, scenario: Scenario, pid: int
 ) -> subprocess.Popen[Any]:
     """py-spy, attached to the server for the measured window, non-blocking (no pauses)."""
-    out = args.profile / f"{scenario.name}.txt"
-    argv = [args.py_spy, "record", "--nonblocking", "--rate", "250", "--format", "raw"]
-    argv += ["--duration", str(max(1, int(args.duration))), "--pid", str(pid), "--output", str(out)]
-    return children.start(argv, args.profile / f"{scenario.name}.py-spy.log")
+    duration_s = max(1, int(args.duration))
+    return start_py_spy(children, args.py_spy, args.profile, scenario.name, pid, duration_s)
 
 
 def finish_profiler(proc: subprocess.Popen[Any], args: argparse.Namespace, s: Scenario) -> None:
@@ -497,21 +317,13 @@ def finish_profiler(proc: subprocess.Popen[Any], args: argparse.Namespace, s: Sc
         proc.wait(30)
     except subprocess.TimeoutExpired:
         Children.stop(proc)
-    out = args.profile / f"{s.name}.txt"
-    if not out.exists():
-        log(f"{s.name}: py-spy wrote no profile:\n{log_tail(out.with_suffix('.py-spy.log'))}")
-        return
-    summary = profile_summary.summarise(out, top=30)
-    (args.profile / f"{s.name}-summary.txt").write_text(summary + "\n")
-    log(f"{s.name}: profile in {out}, summary in {s.name}-summary.txt:\n{summary}")
+    summary = summarise_py_spy(args.profile, s.name, log)
+    if summary is not None:
+        out = args.profile / f"{s.name}.txt"
+        log(f"{s.name}: profile in {out}, summary in {s.name}-summary.txt:\n{summary}")
 
 
 # ---- the run -----------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    sys.stderr.write(f"[ingest-bench {time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stderr.flush()
 
 
 def write_pool(path: Path, requests: list[bytes], events_per_request: int) -> Path:
@@ -594,30 +406,9 @@ def server(
         code = Children.stop(proc, grace_s=30.0)
         if code not in (0, -signal.SIGTERM):
             log(f"{kind} server exited with {code}:\n{log_tail(log_path)}")
-        problems = server_log_problems(log_path)
-        if problems:
-            total = sum(problems.values())
-            log(f"{kind} server logged {total} warning(s)/error(s):")
-            for message, count in problems.most_common(10):
-                log(f"  {count} x {message}")
-            top, count = problems.most_common(1)[0]
-            notes.append(
-                f"The {kind} server logged {total} warning/error line(s), e.g. {count} x `{top}`."
-            )
-
-
-def server_log_problems(path: Path) -> collections.Counter[str]:
-    """WARNING/ERROR lines of a server log, counted by message (timestamps dropped)."""
-    problems: collections.Counter[str] = collections.Counter()
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return problems
-    for line in lines:
-        match = re.search(r" (WARNING|ERROR|CRITICAL) (.*)$", line)
-        if match:
-            problems[f"{match.group(1)} {match.group(2)}"] += 1
-    return problems
+        note = log_problems_note(log_problems(log_path), f"{kind} server", log, shown=10)
+        if note:
+            notes.append(f"The {kind} server {note}")
 
 
 def run_all(
@@ -628,11 +419,7 @@ def run_all(
     topic = f"bench.ingest.{uuid.uuid4().hex[:12]}"
     args.topic = topic
     with contextlib.ExitStack() as stack:
-        if args.workdir is not None:
-            workdir = args.workdir
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ingest-bench-")))
+        workdir = make_workdir(stack, args.workdir, "ingest-bench-")
         pools = build_pools({s.pool for s in chosen}, workdir)
         broker_pid = kafka.pid()
         for kind in ("hello", "ingest"):
@@ -660,7 +447,7 @@ def run_all(
                         log(summary_line(results[-1]))
             finally:
                 if kind == "ingest" and not args.keep_topic:
-                    kafka.delete_topic(topic)
+                    kafka.delete_topics([topic])
     return results
 
 
@@ -673,61 +460,6 @@ def summary_line(r: Result) -> str:
 
 
 # ---- report ------------------------------------------------------------------------------------
-
-
-def kafka_version() -> str:
-    for jar in sorted(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
-        match = re.fullmatch(r"kafka_2\.13-(.+)\.jar", jar.name)
-        if match:
-            return match.group(1)
-    return "unknown"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def code_version() -> str:
-    def git(*argv: str) -> str:
-        result = subprocess.run(
-            ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
-        )
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return "router (not a git checkout, or no commit yet)"
-    dirty = git("status", "--porcelain", "--", "router")
-    subject = git("log", "-1", "--format=%s")
-    return f"router at commit {commit} ({subject})" + (
-        ", with uncommitted changes in router/" if dirty else ""
-    )
-
-
-def command_line() -> str:
-    """The command as typed, with the environment that changes the run (ROUTER_* reach serve)."""
-    argv = [os.path.relpath(sys.executable, Path.cwd()), *sys.argv]
-    env = [
-        f"{name}={shlex.quote(value)}"
-        for name, value in sorted(os.environ.items())
-        if name in ("KAFKA_PORT", "KAFKA_STATE_DIR") or name.startswith("ROUTER_")
-    ]
-    return " ".join([*env, shlex.join(argv)])
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None or value != value else format(value, spec)
 
 
 def targets(results: list[Result]) -> list[tuple[bool, str]]:
@@ -770,24 +502,15 @@ def targets(results: list[Result]) -> list[tuple[bool, str]]:
 def report(
     args: argparse.Namespace, results: list[Result], kafka: Kafka, started: str, notes: list[str]
 ) -> str:
-    affinity = len(os.sched_getaffinity(0))
     out = [
         MARK_START,
-        f"Run {started} UTC, command:",
-        "",
-        "```sh",
-        command_line(),
-        "```",
-        "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores ({affinity} usable), "
-        f"{platform.system()} {platform.release()}; shared by the broker, the server under test"
-        " and the load generator.",
-        f"- Software: Python {platform.python_version()}, aiohttp {version('aiohttp')}, "
-        f"aiokafka {version('aiokafka')}, msgspec {version('msgspec')}, uvloop "
-        f"{version('uvloop')}; Kafka {kafka_version()} (one local KRaft broker, "
-        f"{kafka.bootstrap}); producer acks=all, idempotent, linger 0.",
-        f"- Code: {code_version()}"
-        + (f", run through `{args.router_cmd}`." if args.router_cmd else "."),
+        *run_header(started, command_line()),
+        machine_line("shared by the broker, the server under test and the load generator."),
+        software_line(
+            ("aiohttp", "aiokafka", "msgspec", "uvloop"),
+            f"; {kafka.describe()}; producer acks=all, idempotent, linger 0.",
+        ),
+        code_line(args.router_cmd),
         f"- Load: {args.connections} keep-alive connections, closed loop, warm-up "
         f"{args.warmup:g} s then a {args.duration:g} s measured window per scenario; topic "
         f"`{args.topic}` (3 partitions), deleted afterwards"
@@ -828,34 +551,16 @@ def report(
             f"| {r.scenario.name} | {r.server_util * 100:.0f}% | {fmt(loadgen_pct, '.0f')}% | "
             f"{fmt(broker_pct, '.0f')}% | {fmt(broker_per_event, '.2f')} | {machine_pct:.0f}% |"
         )
-    out += ["", "Targets:", ""]
-    out += [f"- **{'PASS' if ok else 'FAIL'}** {text}" for ok, text in targets(results)]
+    out += targets_lines(targets(results))
     if args.profile:
         notes.append(
             f"Profiled run (py-spy attached during each ingest window, profiles in "
             f"{args.profile}): py-spy competes for the same cores, so these numbers are not "
             "comparable with unprofiled runs."
         )
-    if notes:
-        out += ["", "Notes:", ""]
-        out += [f"- {note}" for note in notes]
+    out += notes_lines(notes)
     out.append(MARK_END)
     return "\n".join(out) + "\n"
-
-
-def write_report(path: Path, text: str) -> None:
-    if path.exists():
-        current = path.read_text()
-        if MARK_START in current and MARK_END in current:
-            before, rest = current.split(MARK_START, 1)
-            after = rest.split(MARK_END, 1)[1].removeprefix("\n")
-            path.write_text(before + text + after)
-        else:
-            path.write_text(current.rstrip("\n") + "\n\n" + text)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    log(f"wrote the report into {path}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -912,25 +617,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-    # SIGTERM ends the run like Ctrl-C: the finally blocks stop what this run started.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    kafka = Kafka(int(os.environ.get("KAFKA_PORT", "19092")))
-    children = Children()
+    started = started_utc()
     notes: list[str] = []
     try:
-        kafka.ensure_running()
-        results = run_all(args, children, kafka, notes)
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 2
-    finally:
-        children.stop_all()
-        kafka.stop_if_started()
+        with bench_run(log) as (kafka, children):
+            results = run_all(args, children, kafka, notes)
+    except BenchError:
+        return 2  # bench_run logged why
     text = report(args, results, kafka, started, notes)
     sys.stdout.write(text)
     if args.write:
-        write_report(args.write, text)
+        write_report(args.write, text, (MARK_START, MARK_END), log)
     if args.check and not all(ok for ok, _ in targets(results)):
         return 1
     return 0

@@ -40,20 +40,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import cProfile
 import gc
 import hashlib
-import importlib.metadata
 import io
 import json
 import os
-import platform
 import pstats
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -63,12 +58,12 @@ from pathlib import Path
 from typing import Any
 
 import payloads
+from common import code_version, command_line, machine_line, run_header, software_line
 
 from router.events import Event, decode_track, decode_webhook
 from router.rules.engine import Failed, Routed, RuleSet
 from router.rules.loader import load_rules
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path("/work/shared/fixtures/pendo")
 DEFAULT_RULES = Path(__file__).resolve().parent / "rules" / "segment.yaml"
 TARGET_US = 5.0
@@ -422,39 +417,6 @@ def profile_pass(ruleset: RuleSet, events: list[Event], top: int) -> str:
 # ---- report ------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def code_version() -> str:
-    def git(*argv: str) -> str:
-        result = subprocess.run(
-            ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
-        )
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return "router (not a git checkout)"
-    dirty = git("status", "--porcelain", "--", "router")
-    return f"router at commit {commit}" + (", with uncommitted changes in router/" if dirty else "")
-
-
-def command_line() -> str:
-    return shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv])
-
-
 def load_average() -> str:
     try:
         return Path("/proc/loadavg").read_text().split()[0]
@@ -524,19 +486,16 @@ def main(argv: list[str] | None = None) -> int:
 
     out: list[str] = []
     w = out.append
-    w(f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, command:\n")
-    w(f"```sh\n{command_line()}\n```\n")
+    # No Kafka or router process here: the command line is the command alone.
+    out += run_header(f"{datetime.now(UTC):%Y-%m-%d %H:%M}", command_line((), ()))
     w(
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} "
-        f"usable), Linux {platform.release()}; load average {load_before} before the timing, "
-        f"{load_after} after (1 min; other work on the cores shows up as spread between passes)."
+        machine_line(
+            f"load average {load_before} before the timing, {load_after} after (1 min; other "
+            "work on the cores shows up as spread between passes)."
+        )
     )
-    w(
-        f"- Software: "
-        f"Python {platform.python_version()}, msgspec {version('msgspec')}, "
-        f"PyYAML {version('PyYAML')}."
-    )
-    w(f"- Code: {code_version()}.")
+    w(software_line(("msgspec", "PyYAML"), "."))
+    w(f"- Code: {code_version(subject=False)}.")
     w(
         f"- Rules: `{os.path.relpath(args.rules, Path.cwd())}`, sink {ruleset.sink}, "
         f"{len(ruleset.rules)} rules, mode {ruleset.mode}, ruleset {ruleset.hash}."
