@@ -8,6 +8,13 @@ idempotent producer) and raises :class:`PublishError` otherwise, always within
 A timed-out publish may still land later (cancelling the wait does not cancel the send); that is
 a duplicate with the same event id, never a loss, and consumers tolerate it.
 
+A producer that gets an error fatal to its producer id (``OutOfOrderSequenceNumber`` and the like)
+is replaced by a new one: aiokafka 0.14 never recovers from these by itself. They happen after a
+Kafka restart under load: a batch waiting longer than ``request_timeout_ms`` for a partition
+leader is failed by aiokafka's accumulator (``drain_by_nodes``) after it has taken a sequence
+number, so every later batch of that partition is out of sequence for the broker, for good.
+The publishes that meet the error fail (503: the sender retries, same event ids).
+
 Records of a multi-event request are grouped into one record batch per partition, built by us
 (``create_batch``/``send_batch``) rather than through ``send()`` per record, which costs several
 microseconds of Python per event. Partitions are chosen with Kafka's default murmur2 partitioner,
@@ -26,7 +33,14 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import murmur2
 
 from router.events import Record
@@ -37,6 +51,13 @@ log = logging.getLogger(__name__)
 # Kafka protocol error code for "topic already exists" (CreateTopics response).
 _TOPIC_ALREADY_EXISTS = 36
 _KEY_CACHE_LIMIT = 65_536
+# After one of these an idempotent producer (its producer id) can never deliver again.
+_FATAL_PRODUCER_ERRORS = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
 
 
 class PublishError(Exception):
@@ -126,6 +147,7 @@ class KafkaBus:
         self._key_partition: dict[bytes, int] = {}
         self._partition_locks: dict[int, asyncio.Lock] = {}
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
+        self._replacing: asyncio.Task[None] | None = None
 
     def _new_producer(self) -> Any:
         s = self._settings
@@ -179,6 +201,11 @@ class KafkaBus:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Flush what is buffered and close, waiting at most ``grace_s`` for each step."""
+        replacing, self._replacing = self._replacing, None
+        if replacing is not None:
+            replacing.cancel()
+            with contextlib.suppress(BaseException):
+                await replacing
         producer, self._producer = self._producer, None
         if producer is None:
             return
@@ -220,7 +247,44 @@ class KafkaBus:
         except TimeoutError:
             raise PublishError(f"kafka did not acknowledge within {self._timeout:g}s") from None
         except KafkaError as exc:
+            if isinstance(exc, _FATAL_PRODUCER_ERRORS):
+                self._replace(producer, exc)
             raise PublishError(f"kafka error: {exc!r}") from exc
+
+    def _replace(self, broken: Any, exc: KafkaError) -> None:
+        """Start replacing ``broken`` with a new producer (once; publishes go on failing fast)."""
+        if self._producer is not broken or self._replacing is not None:
+            return
+        log.warning("kafka producer unusable (%r): replacing it", exc)
+        self._replacing = asyncio.create_task(self._replace_producer(broken))
+
+    async def _replace_producer(self, broken: Any) -> None:
+        try:
+            while True:
+                producer = self._new_producer()
+                try:
+                    await asyncio.wait_for(producer.start(), timeout=15)
+                    break
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(producer.stop(), timeout=5)
+                    log.warning("new kafka producer not started: %r; retrying", exc)
+                    await asyncio.sleep(1.0)
+                except asyncio.CancelledError:  # stop() during the start: close it, then end
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(producer.stop(), timeout=5)
+                    raise
+            if self._producer is broken:
+                self._producer = producer
+                log.info("kafka producer replaced")
+            else:  # stopped meanwhile
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), timeout=5)
+        finally:
+            self._replacing = None
+        # Stop the broken one; bounded: its pending batches can only fail.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broken.stop(), timeout=5)
 
     async def _publish(self, producer: Any, records: Sequence[Record]) -> None:
         topic = self._topic

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.events import decode_event
+from router.bus import KafkaBus, PublishError
+from router.events import Record, decode_event
 from router.ingest import create_app
 from tests.integration.conftest import (
     Broker,
@@ -149,3 +151,56 @@ async def test_sigterm_finishes_the_request_waiting_on_kafka(
         assert await asyncio.to_thread(process.wait, 30) == 0
     records = await read_topic(outage_broker.bootstrap, topic, expected=1)
     assert [decode_event(r.value).id for r in records] == [event_id]
+
+
+async def test_bus_recovers_after_a_restart_under_concurrent_load(outage_broker: Broker) -> None:
+    """After a restart under load the ingest publishes again, without a process restart.
+
+    aiokafka 0.14 fails a batch that waited past ``request_timeout_ms`` for a leader after it took
+    a sequence number; the partition's sequence is then ahead of the broker's and every later
+    publish fails with OutOfOrderSequenceNumber, for good. KafkaBus replaces the producer.
+    """
+    topic = unique_topic()
+    settings = make_settings(outage_broker, topic, ROUTER_KAFKA__PRODUCE_TIMEOUT_MS="2000")
+    bus = KafkaBus(settings.kafka)
+    await bus.start()
+    outcomes: dict[str, Counter[str]] = {"before": Counter(), "after": Counter()}
+    phase = "before"
+    stop = asyncio.Event()
+    sent = 0
+
+    async def publisher(worker: int) -> None:
+        nonlocal sent
+        while not stop.is_set():
+            sent += 1
+            records = [
+                Record(f"{worker}-{sent}-{i}", f"v{(sent + i) % 50}".encode(), b'{"x":1}', [])
+                for i in range(1 + sent % 6)
+            ]
+            try:
+                await bus.publish(records)
+                outcomes[phase]["ok"] += 1
+            except PublishError:
+                outcomes[phase]["failed"] += 1
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.create_task(publisher(k)) for k in range(20)]
+    try:
+        await asyncio.sleep(3)
+        await asyncio.to_thread(outage_broker.ctl, "stop")
+        phase = "down"
+        outcomes["down"] = Counter()
+        await asyncio.sleep(2)
+        await asyncio.to_thread(outage_broker.ctl, "start")
+        await asyncio.sleep(10)  # reconnects, metadata, the producer's replacement
+        phase = "after"
+        await asyncio.sleep(5)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await bus.stop(2)
+    assert outcomes["before"]["ok"] > 0
+    # From 10 s after the restart on, publishes succeed again (without the replacement: none).
+    assert outcomes["after"]["ok"] > 0, outcomes
+    assert outcomes["after"]["failed"] == 0, outcomes
