@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _TOPIC_ALREADY_EXISTS = 36
 _KEY_CACHE_LIMIT = 65_536
 # After one of these an idempotent producer (its producer id) can never deliver again.
-_FATAL_PRODUCER_ERRORS = (
+FATAL_PRODUCER_ERRORS = (
     OutOfOrderSequenceNumber,
     UnknownProducerId,
     InvalidProducerEpoch,
@@ -247,7 +247,7 @@ class KafkaBus:
         except TimeoutError:
             raise PublishError(f"kafka did not acknowledge within {self._timeout:g}s") from None
         except KafkaError as exc:
-            if isinstance(exc, _FATAL_PRODUCER_ERRORS):
+            if isinstance(exc, FATAL_PRODUCER_ERRORS):
                 self._replace(producer, exc)
             raise PublishError(f"kafka error: {exc!r}") from exc
 

@@ -31,7 +31,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from router import dlq
-from router.bus import TopicSpec, ensure_topics, event_topic_spec
+from router.bus import FATAL_PRODUCER_ERRORS, TopicSpec, ensure_topics, event_topic_spec
 from router.delivery.batching import Batcher
 from router.delivery.offsets import PartitionOffsets
 from router.delivery.ratelimit import RateLimiter
@@ -199,6 +199,7 @@ class SinkConsumer:
         self._dispatch_done = False
         self._full_since: float | None = None
         self._log_throttle = _LogThrottle()
+        self._producer_lock = asyncio.Lock()
         self.health = "not run"
         self._routed: dict[str, int] = {}
 
@@ -229,13 +230,7 @@ class SinkConsumer:
             ),
         ]
         await ensure_topics(kafka, specs)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=kafka.bootstrap_servers,
-            client_id=f"{kafka.client_id}-{self.sink.name}-dlq",
-            enable_idempotence=True,
-            max_request_size=kafka.max_message_bytes * 2,
-            request_timeout_ms=max(5_000, self.cfg.dlq_timeout_ms),
-        )
+        self._producer = self._new_producer()
         await asyncio.wait_for(self._producer.start(), timeout=30)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap_servers,
@@ -846,14 +841,48 @@ class SinkConsumer:
         await self._write_dead(letter, f"{tp.topic}:{tp.partition}:{ticket.offset}".encode())
         self._finish_ticket(ticket)
 
+    def _new_producer(self) -> AIOKafkaProducer:
+        kafka = self.settings.kafka
+        return AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-{self.sink.name}-dlq",
+            enable_idempotence=True,
+            max_request_size=kafka.max_message_bytes * 2,
+            request_timeout_ms=max(5_000, self.cfg.dlq_timeout_ms),
+        )
+
+    async def _replace_producer(self, broken: Any, exc: KafkaError) -> None:
+        """Swap the dead-letter producer for a new one (once per broken producer).
+
+        The same aiokafka 0.14 failure as the ingest's (router/bus.py): after a Kafka restart
+        while a dead letter waits, the producer's sequence numbers run ahead of the broker's
+        and every later write fails with OutOfOrderSequenceNumber; retrying never helps.
+        """
+        async with self._producer_lock:
+            if self._producer is not broken:
+                return  # another writer replaced it already
+            log.warning("dead-letter producer unusable (%r): replacing it", exc)
+            producer = self._new_producer()
+            try:
+                await asyncio.wait_for(producer.start(), timeout=15)
+            except (TimeoutError, KafkaError, OSError) as start_exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), timeout=5)
+                log.warning("new dead-letter producer not started: %r", start_exc)
+                return  # the writer retries, and replaces it on the next fatal error
+            self._producer = producer
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broken.stop(), timeout=5)
+
     async def _write_dead(self, letter: dlq.DeadLetter, key: bytes) -> None:
         """Until Kafka has the dead letter, the event is not finished: retry, never drop."""
         letter.dead_at = now_ms()
         value = dlq.encode(letter)
         while True:
+            producer = self._producer
             try:
                 await asyncio.wait_for(
-                    self._producer.send_and_wait(self.dlq_topic, value=value, key=key),
+                    producer.send_and_wait(self.dlq_topic, value=value, key=key),
                     timeout=self.cfg.dlq_timeout_ms / 1000,
                 )
             except MessageSizeTooLargeError:
@@ -872,6 +901,8 @@ class SinkConsumer:
                 continue
             except (TimeoutError, KafkaError) as exc:
                 log.error("dead letter not written (retrying): %r", exc)
+                if isinstance(exc, FATAL_PRODUCER_ERRORS):
+                    await self._replace_producer(producer, exc)
                 await asyncio.sleep(1.0)
                 continue
             self.metrics.dead_lettered.labels(letter.reason).inc()

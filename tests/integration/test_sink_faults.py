@@ -28,6 +28,7 @@ from tests.integration.conftest import Broker, free_port, unique_topic
 from tests.integration.test_sink_consumer import (
     committed_count,
     committed_everything,
+    dead_letters,
     publish,
     rig_settings,
     start_consumer,
@@ -236,3 +237,38 @@ async def test_kafka_restarted_under_a_running_consumer(
         "kafka restart", events=1000, down_s=round(down_s, 1), duplicates=duplicates(destination)
     )
     assert len(destination.delivered_event_ids()) == 1000
+
+
+async def test_dead_letters_in_flight_through_a_kafka_restart_are_all_written(
+    restart_broker: Broker, rules_dir: Path, server_slow: tuple[Destination, str]
+) -> None:
+    """Dead letters are being written when Kafka stops; once it is back, every one is written.
+
+    The outage outlasts the dead-letter producer's request timeout (5 s): aiokafka 0.14's
+    idempotent producer then fails every later write with OutOfOrderSequenceNumber, for good.
+    The consumer replaces the producer instead of retrying the letter forever (a stalled sink).
+    """
+    destination, url = server_slow
+    destination.default = Fault(status=400, hang_s=0.05, body=b'{"error":"bad batch"}')
+    topic = unique_topic()
+    settings = rig_settings(
+        restart_broker, topic, rules_dir, url,
+        ROUTER_SINKS__FAKE__MAX_EVENTS="5",
+        ROUTER_CONSUMER__DLQ_TIMEOUT_MS="5000",
+    )  # fmt: skip
+    events = [track_event(i) for i in range(1_500)]
+    await publish(settings, events)
+    running = await start_consumer(settings)
+    dead = running.consumer.metrics.dead_lettered.labels("rejected_by_api")
+    try:
+        await wait_until(lambda: dead._value.get() >= 100, 30, "dead letters flowing")
+        await asyncio.to_thread(restart_broker.ctl, "stop")
+        await asyncio.sleep(8)
+        await asyncio.to_thread(restart_broker.ctl, "start")
+        await wait_until(lambda: dead._value.get() >= len(events), 90, "every dead letter")
+        await wait_until_async(lambda: committed_everything(settings, "fake"), 60)
+    finally:
+        await running.close()
+    letters = await dead_letters(settings, "fake", expected=len(events))
+    assert {letter.event_id for letter in letters} == {e.id for e in events}
+    assert {letter.status for letter in letters} == {400}
