@@ -182,6 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sink_problems(settings: Settings) -> list[str]:
+    """Build every configured sink as its consumer would; one line per sink that cannot start."""
+    import importlib
+
+    import sinks
+
+    for plugin in settings.plugins:
+        importlib.import_module(plugin)
+    problems = []
+    for name, config in settings.sinks.items():
+        if name not in sinks.FACTORIES:
+            continue  # rules only, or a plugin's sink without a transport
+        try:
+            sinks.create(name, config)
+        except (ValueError, KeyError, TypeError) as exc:
+            message = str(exc)
+            problems.append(
+                message if message.startswith(f"sinks.{name}") else f"sinks.{name}: {message}"
+            )
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -223,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     if args.command == "config":
+        problems = _sink_problems(settings)
+        if problems:
+            sys.stderr.write("".join(f"router: {problem}\n" for problem in problems))
+            return 2
         sys.stdout.write(msgspec.yaml.encode(_masked(settings)).decode())
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands first

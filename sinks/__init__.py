@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from router.delivery.sink import Sink
+from router.delivery.sink import Sink, tuned_limits
 from router.rules.outputs import SinkOutputs
 from sinks import amplitude, ga4, mixpanel, segment, slack
 
@@ -40,8 +40,13 @@ def register(
 
 
 def create(name: str, config: Mapping[str, Any]) -> Sink:
+    """Build sink ``name`` from ``sinks.<name>``; its ``delivery`` section tunes the limits."""
     factory = FACTORIES.get(name)
     if factory is None:
         known = ", ".join(sorted(FACTORIES)) or "none yet"
         raise LookupError(f"no sink transport named {name!r} (sinks with a transport: {known})")
-    return factory(config)
+    own = {key: value for key, value in config.items() if key != "delivery"}
+    sink = factory(own)
+    if "delivery" in config:
+        sink.limits = tuned_limits(sink.limits, config["delivery"], f"sinks.{name}.delivery")
+    return sink

@@ -288,6 +288,12 @@ LIMITS = SinkLimits(
     # ref: https://developers.google.com/analytics/devguides/collection/protocol/ga4/reference
     # (no timeout documented; a 204 comes back at once, 10 s covers a slow network)
     timeout_s=10.0,
+    # ref: https://developers.google.com/analytics/devguides/collection/protocol/ga4/sending-events
+    # (events of one client_id per request: with many visitors nearly every request carries one
+    # event, so throughput is requests in flight / round trip; 4 would cap it at ~40-80 events/s
+    # over a 50-100 ms round trip). No concurrency limit is documented; tune with
+    # sinks.ga4.delivery.concurrency.
+    concurrency=16,
 )
 
 

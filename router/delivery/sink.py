@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -39,6 +39,51 @@ class SinkLimits:
     timeout_s: float = 30.0  # one HTTP request, connect to last byte
     concurrency: int = 4  # requests in flight at once
     per_item_overhead: int = 1  # bytes each item adds to a body beyond its own (separators)
+
+
+class Tuning(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``sinks.<name>.delivery``: the operator's batching and request settings for one sink.
+
+    Like Vector's ``batch`` and ``request`` options. Each may only tighten what the API allows:
+    more events or bytes per request than the sink declares are refused, as is a rate above a
+    documented one; concurrency, linger and timeout are the operator's to choose.
+    """
+
+    max_events: int | None = None
+    max_bytes: int | None = None
+    linger_s: float | None = None
+    concurrency: int | None = None
+    rate_per_s: float | None = None
+    timeout_s: float | None = None
+
+
+def tuned_limits(limits: SinkLimits, config: Any, where: str) -> SinkLimits:
+    """``limits`` with the operator's ``delivery`` settings applied; ValueError names the field."""
+    if config is None:
+        return limits
+    try:
+        tuning = msgspec.convert(config, Tuning)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    changes: dict[str, Any] = {}
+
+    def bounded(name: str, value: float | None, low: float, high: float | None, why: str) -> None:
+        if value is None:
+            return
+        if value < low or (high is not None and value > high):
+            limit = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise ValueError(f"{where}.{name}: {value:g} must be {limit}{why}")
+        changes[name] = value
+
+    bounded("max_events", tuning.max_events, 1, limits.max_events, " (the API's limit)")
+    bounded("max_bytes", tuning.max_bytes, 1, limits.max_bytes, " (the API's limit)")
+    bounded("linger_s", tuning.linger_s, 0, None, "")
+    bounded("concurrency", tuning.concurrency, 1, 256, "")
+    bounded("rate_per_s", tuning.rate_per_s, 0.001, limits.rate_per_s, " (the API's limit)")
+    bounded("timeout_s", tuning.timeout_s, 0.1, None, "")
+    if "max_bytes" in changes and changes["max_bytes"] < limits.max_event_bytes:
+        changes["max_event_bytes"] = changes["max_bytes"]
+    return replace(limits, **changes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,3 +216,50 @@ def test_log_throttle_samples_one_line_per_interval_and_counts_the_rest(
     assert throttle.allow("retry") == (True, " (+2 similar in the last 12s)")
     clock[0] = 130.0
     assert throttle.allow("retry") == (True, "")  # nothing held back since
+
+
+# ---- operator tuning (sinks.<name>.delivery) -------------------------------------------------
+
+
+def test_delivery_settings_tune_a_sinks_limits_within_the_api() -> None:
+    import sinks
+
+    sink = sinks.create(
+        "segment",
+        {"delivery": {"max_events": 50, "linger_s": 0.2, "concurrency": 8, "timeout_s": 5}},
+    )
+    assert (sink.limits.max_events, sink.limits.linger_s) == (50, 0.2)
+    assert (sink.limits.concurrency, sink.limits.timeout_s) == (8, 5)
+    untouched = sinks.create("segment", {})
+    assert sink.limits.max_bytes == untouched.limits.max_bytes
+    assert sinks.create("ga4", {}).limits.concurrency == 16
+
+
+@pytest.mark.parametrize(
+    ("delivery", "message"),
+    [
+        ({"max_events": 26}, "sinks.ga4.delivery.max_events: 26 must be between 1 and 25"),
+        ({"concurrency": 0}, "sinks.ga4.delivery.concurrency: 0 must be between 1 and 256"),
+        ({"linger_s": -1}, "sinks.ga4.delivery.linger_s: -1 must be at least 0"),
+        ({"batch_size": 10}, "sinks.ga4.delivery: Object contains unknown field `batch_size`"),
+        ({"max_bytes": "big"}, "sinks.ga4.delivery: Expected `int | null`, got `str`"),
+    ],
+)
+def test_delivery_settings_beyond_the_api_are_refused_by_name(
+    delivery: dict[str, object], message: str
+) -> None:
+    import sinks
+
+    with pytest.raises(ValueError, match=r"^sinks\.ga4\.delivery") as caught:
+        sinks.create("ga4", {"delivery": delivery})
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_a_smaller_max_bytes_also_bounds_one_event() -> None:
+    from router.delivery.sink import SinkLimits, tuned_limits
+
+    limits = SinkLimits(max_events=10, max_bytes=1000, max_event_bytes=900, rate_per_s=5.0)
+    tuned = tuned_limits(limits, {"max_bytes": 500}, "sinks.x.delivery")
+    assert (tuned.max_bytes, tuned.max_event_bytes) == (500, 500)
+    with pytest.raises(ValueError, match=r"rate_per_s: 6 must be between 0.001 and 5"):
+        tuned_limits(limits, {"rate_per_s": 6}, "sinks.x.delivery")

@@ -141,3 +141,24 @@ def test_example_config_builds_every_sink_with_credentials() -> None:
             assert getattr(sink, "dry_run", None) is False, name
             for secret in ("seg-key", "mp-secret", "amp-key", "ga4-secret", "XYZ"):
                 assert secret not in repr(sink)
+
+
+def test_config_check_builds_every_sink_and_names_what_cannot_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("sinks:\n  ga4:\n    delivery: {max_events: 10, concurrency: 32}\n")
+    assert main(["--config", str(good), "config", "check"]) == 0
+    assert "concurrency: 32" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "sinks:\n  ga4:\n    delivery: {max_events: 99}\n"
+        "  segment:\n    write_key: {env: ROUTER_TEST_UNSET_VARIABLE}\n"
+    )
+    assert main(["--config", str(bad), "config", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "sinks.ga4.delivery.max_events: 99 must be between 1 and 25" in err
+    assert "sinks.segment" in err
+    assert "ROUTER_TEST_UNSET_VARIABLE" in err
