@@ -121,18 +121,46 @@ async def ensure_topics(settings: KafkaSettings, specs: Sequence[TopicSpec]) -> 
             ),
             timeout=20,
         )
+        created: list[str] = []
+        for entry in response.topic_errors:
+            name, code = entry[0], entry[1]
+            message = entry[2] if len(entry) > 2 else ""
+            if code == 0:
+                created.append(name)
+            elif code != _TOPIC_ALREADY_EXISTS:
+                detail = f"error {code} {message or ''}".strip()
+                raise KafkaError(f"cannot create topic {name}: {detail}")
+        if created:
+            await _wait_for_leaders(admin, created)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(admin.close(), timeout=10)
-    created: list[str] = []
-    for entry in response.topic_errors:
-        name, code = entry[0], entry[1]
-        message = entry[2] if len(entry) > 2 else ""
-        if code == 0:
-            created.append(name)
-        elif code != _TOPIC_ALREADY_EXISTS:
-            raise KafkaError(f"cannot create topic {name}: error {code} {message or ''}".strip())
     return created
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+    """Wait (at most 10 s) until the broker's metadata shows every new topic with leaders.
+
+    A topic is created asynchronously: clients that ask for it at once get "unknown topic" or
+    "not leader" and log errors at ERROR level (aiokafka) before they retry. Not fatal if slow.
+    """
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        with contextlib.suppress(KafkaError, TimeoutError, OSError):
+            described = await asyncio.wait_for(admin.describe_topics(topics), timeout=5)
+            ready = {
+                t["topic"]
+                for t in described
+                if t["error_code"] == 0
+                and t["partitions"]
+                and all(p["leader"] >= 0 for p in t["partitions"])
+            }
+            if ready >= set(topics):
+                return
+        if asyncio.get_running_loop().time() >= deadline:
+            log.warning("new topics %s not yet visible in metadata; continuing", topics)
+            return
+        await asyncio.sleep(0.1)
 
 
 class KafkaBus:
