@@ -6,6 +6,7 @@ import configparser
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from router.ingest import create_app
@@ -52,3 +53,69 @@ def test_systemd_unit_runs_the_console_script() -> None:
     assert unit["Service"]["KillSignal"] == "SIGTERM"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'router = "router.cli:main"' in pyproject
+
+
+def sink_documents() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((ROOT / "deploy/k8s/sinks.yaml").read_text()) if d]
+
+
+def test_k8s_runs_one_deployment_per_built_in_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sinks
+    from router.sink_runner import health_app
+
+    (config_map,) = [d for d in sink_documents() if d["kind"] == "ConfigMap"]
+    path = tmp_path / "router.yaml"
+    path.write_text(config_map["data"]["router.yaml"])
+    deployments = [d for d in sink_documents() if d["kind"] == "Deployment"]
+    env = {
+        e["name"]: (
+            "https://hooks.slack.com/services/T0/B0/XXXX"
+            if e["name"].endswith("_URL")
+            else "set-by-the-secret"
+        )
+        for d in deployments
+        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "valueFrom" in e
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(path, env)
+    assert settings.consumer.health_host == "0.0.0.0"  # noqa: S104 (probes come from outside)
+    by_sink = {d["spec"]["template"]["spec"]["containers"][0]["args"][1]: d for d in deployments}
+    assert set(by_sink) == set(sinks.BUILT_IN)
+    health_routes = {
+        r.resource.canonical
+        for r in health_app(object(), None).router.routes()  # type: ignore[arg-type]
+        if r.resource is not None
+    }
+    for name, deployment in by_sink.items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"] == ["sink", name]
+        assert pod["terminationGracePeriodSeconds"] > settings.consumer.shutdown_timeout_s
+        assert container["ports"][0]["containerPort"] == settings.consumer.health_port
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["path"] in health_routes
+        # Every credential the sink's config names comes from the Secret, in its own pod.
+        named = {e["name"] for e in container["env"] if "valueFrom" in e}
+        config_text = yaml.safe_dump(settings.sinks[name])
+        assert named == {var for var in env if var in config_text}
+        # The rule files and their tests, where the loader looks for them.
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "rules"]
+        sources = volume["projected"]["sources"]
+        test_paths = {item["path"] for item in sources[1]["configMap"]["items"]}
+        assert test_paths == {f"tests/{p.name}" for p in (ROOT / "rules/tests").glob("*.yaml")}
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "rules"]
+        assert mount["mountPath"] == settings.rules.dir
+        sink = sinks.create(name, settings.sinks[name])  # with its credentials: not a dry run
+        assert not getattr(sink, "dry_run", False)
+
+
+def test_systemd_sink_template_runs_one_sink_per_instance() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "deploy/systemd/router-sink@.service")
+    assert unit["Service"]["ExecStart"].endswith("/bin/router sink %i")
+    assert unit["Service"]["EnvironmentFile"].endswith("sink-%i.env")
+    assert unit["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
