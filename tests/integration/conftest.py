@@ -73,6 +73,20 @@ def broker() -> Iterator[Broker]:
     yield from _session_broker(int(os.environ.get("KAFKA_PORT", "19092")))
 
 
+@pytest.fixture(scope="module")
+def outage_broker() -> Iterator[Broker]:
+    """A broker of its own, for tests that stop or kill it; started and stopped per module.
+
+    On ``$KAFKA_OUTAGE_PORT`` (default 19392), so that the other tests' broker is never disturbed.
+    """
+    broker = Broker(int(os.environ.get("KAFKA_OUTAGE_PORT", "19392")))
+    broker.ctl("start")
+    try:
+        yield broker
+    finally:
+        broker.ctl("stop", check=False)
+
+
 def unique_topic(prefix: str = "router.test") -> str:
     return f"{prefix}.{uuid.uuid4().hex[:12]}"
 

@@ -140,6 +140,21 @@ CASES = [
 ]
 
 
+def e2e_settings(broker: Broker) -> Any:
+    """A fresh topic, its own groups, DLQ and retry topics; the ingest's test secret and key."""
+    topic = unique_topic()
+    return make_settings(
+        broker,
+        topic,
+        ROUTER_INGEST__WEBHOOK_SECRETS="e2e",
+        ROUTER_INGEST__INTEGRATION_KEYS="e2e-key",
+        ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
+        ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
+        ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
+        ROUTER_CONSUMER__RETRY_BASE_S="0.05",
+    )
+
+
 async def send_every_fixture(client: Any) -> None:
     for path in webhook_fixture_paths():
         body = path.read_bytes()
@@ -173,17 +188,7 @@ async def test_end_to_end(
         case.faults(emulator)
     server = TestServer(emulator.app(), host="127.0.0.1")
     await server.start_server()
-    topic = unique_topic()
-    settings = make_settings(
-        broker,
-        topic,
-        ROUTER_INGEST__WEBHOOK_SECRETS="e2e",
-        ROUTER_INGEST__INTEGRATION_KEYS="e2e-key",
-        ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
-        ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
-        ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
-        ROUTER_CONSUMER__RETRY_BASE_S="0.05",
-    )
+    settings = e2e_settings(broker)
     client = await aiohttp_client(create_app(settings))
     await send_every_fixture(client)
     expected = case.expected()
@@ -316,17 +321,7 @@ async def test_ga4_end_to_end(broker: Broker, aiohttp_client: ClientFactory, fau
     app.middlewares.append(record)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    topic = unique_topic()
-    settings = make_settings(
-        broker,
-        topic,
-        ROUTER_INGEST__WEBHOOK_SECRETS="e2e",
-        ROUTER_INGEST__INTEGRATION_KEYS="e2e-key",
-        ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
-        ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
-        ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
-        ROUTER_CONSUMER__RETRY_BASE_S="0.05",
-    )
+    settings = e2e_settings(broker)
     client = await aiohttp_client(create_app(settings))
     an_hour_ago = int(time.time()) - 3600
     paths = webhook_fixture_paths() + fixture_paths("track")

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +36,6 @@ pytestmark = pytest.mark.kafka
 
 ClientFactory = Callable[..., Any]
 TRACK_HEADERS = {"Content-Type": "application/json", "x-pendo-integration-key": "it-key"}
-
-
-@pytest.fixture(scope="module")
-def outage_broker() -> Iterator[Broker]:
-    broker = Broker(int(os.environ.get("KAFKA_OUTAGE_PORT", "19392")))
-    broker.ctl("start")
-    try:
-        yield broker
-    finally:
-        broker.ctl("stop", check=False)
 
 
 def track_body(seq: int) -> bytes:

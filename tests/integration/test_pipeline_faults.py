@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,16 +96,6 @@ GIVE_UP_AFTER_S = 60.0  # a request not accepted by then fails the test
 
 
 # ---- the broker, the processes and the emulators ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pipeline_broker() -> Iterator[Broker]:
-    broker = Broker(int(os.environ.get("KAFKA_OUTAGE_PORT", "19392")))
-    broker.ctl("start")
-    try:
-        yield broker
-    finally:
-        broker.ctl("stop", check=False)
 
 
 def sink_configs(urls: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -539,7 +528,7 @@ def report(name: str, **figures: object) -> None:
 # ---- the test -----------------------------------------------------------------------------------
 
 
-async def test_pipeline_under_faults(pipeline_broker: Broker, tmp_path: Path) -> None:
+async def test_pipeline_under_faults(outage_broker: Broker, tmp_path: Path) -> None:
     """Nothing routed is lost, dead letters are exactly the rules' failures, duplicates bounded.
 
     After the load and the faults, for every sink:
@@ -566,7 +555,7 @@ async def test_pipeline_under_faults(pipeline_broker: Broker, tmp_path: Path) ->
     event accepted in the first half of the outage and routed to another sink reached that sink
     before the outage ended, while Segment got nothing in the outage and those events afterwards.
     """
-    broker = pipeline_broker
+    broker = outage_broker
     topic = unique_topic("router.pipeline")
     settings: Settings = make_settings(broker, topic)
     emulators = {name: await start_emulator(name) for name in SINKS}

@@ -200,32 +200,22 @@ async def server_slow() -> Iterator[tuple[Destination, str]]:  # type: ignore[mi
         await server.close()
 
 
-@pytest.fixture(scope="module")
-def restart_broker() -> Iterator[Broker]:
-    broker = Broker(int(os.environ.get("KAFKA_OUTAGE_PORT", "19392")))
-    broker.ctl("start")
-    try:
-        yield broker
-    finally:
-        broker.ctl("stop", check=False)
-
-
 async def test_kafka_restarted_under_a_running_consumer(
-    restart_broker: Broker, rules_dir: Path, server_slow: tuple[Destination, str]
+    outage_broker: Broker, rules_dir: Path, server_slow: tuple[Destination, str]
 ) -> None:
     destination, url = server_slow
     topic = unique_topic()
-    settings = rig_settings(restart_broker, topic, rules_dir, url)
+    settings = rig_settings(outage_broker, topic, rules_dir, url)
     first = [track_event(i) for i in range(500)]
     second = [track_event(10_000 + i) for i in range(500)]
     await publish(settings, first)
     running = await start_consumer(settings)
     try:
         await wait_until(lambda: len(destination.ledger) >= 100, 60, "first deliveries")
-        await asyncio.to_thread(restart_broker.ctl, "stop")
+        await asyncio.to_thread(outage_broker.ctl, "stop")
         stopped_at = time.monotonic()
         await asyncio.sleep(3)
-        await asyncio.to_thread(restart_broker.ctl, "start")
+        await asyncio.to_thread(outage_broker.ctl, "start")
         down_s = time.monotonic() - stopped_at
         await publish(settings, second)
         everything = {e.id for e in first + second}
@@ -240,7 +230,7 @@ async def test_kafka_restarted_under_a_running_consumer(
 
 
 async def test_dead_letters_in_flight_through_a_kafka_restart_are_all_written(
-    restart_broker: Broker, rules_dir: Path, server_slow: tuple[Destination, str]
+    outage_broker: Broker, rules_dir: Path, server_slow: tuple[Destination, str]
 ) -> None:
     """Dead letters are being written when Kafka stops; once it is back, every one is written.
 
@@ -252,7 +242,7 @@ async def test_dead_letters_in_flight_through_a_kafka_restart_are_all_written(
     destination.default = Fault(status=400, hang_s=0.05, body=b'{"error":"bad batch"}')
     topic = unique_topic()
     settings = rig_settings(
-        restart_broker, topic, rules_dir, url,
+        outage_broker, topic, rules_dir, url,
         ROUTER_SINKS__FAKE__MAX_EVENTS="5",
         ROUTER_CONSUMER__DLQ_TIMEOUT_MS="5000",
     )  # fmt: skip
@@ -262,9 +252,9 @@ async def test_dead_letters_in_flight_through_a_kafka_restart_are_all_written(
     dead = running.consumer.metrics.dead_lettered.labels("rejected_by_api")
     try:
         await wait_until(lambda: dead._value.get() >= 100, 30, "dead letters flowing")
-        await asyncio.to_thread(restart_broker.ctl, "stop")
+        await asyncio.to_thread(outage_broker.ctl, "stop")
         await asyncio.sleep(8)
-        await asyncio.to_thread(restart_broker.ctl, "start")
+        await asyncio.to_thread(outage_broker.ctl, "start")
         await wait_until(lambda: dead._value.get() >= len(events), 90, "every dead letter")
         await wait_until_async(lambda: committed_everything(settings, "fake"), 60)
     finally:
