@@ -15,6 +15,7 @@ so the group never thinks it died) until deliveries catch up.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -185,7 +186,8 @@ class SinkConsumer:
         self.dlq_topic = dlq_topic(self.cfg, sink.name)
         self.state = HEALTHY
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self._ready: list[list[Item]] = []
+        # A deque: at batch size 1 thousands of batches can be ready, and list.pop(0) is O(n).
+        self._ready: collections.deque[list[Item]] = collections.deque()
         self._scheduled: list[_Scheduled] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -458,7 +460,7 @@ class SinkConsumer:
                 self._ready.append(heapq.heappop(self._scheduled).items)
             while self._ready and not (self.state == PAUSED and self._sending):
                 # While paused, one batch at a time probes the destination.
-                batch = self._ready.pop(0)
+                batch = self._ready.popleft()
                 if not batch:
                     continue
                 await self._slots.acquire()
