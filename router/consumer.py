@@ -551,7 +551,6 @@ class SinkConsumer:
     async def _send(
         self, request: HttpRequest, items: Sequence[Item]
     ) -> tuple[Outcome, int | None, bytes]:
-        assert self._session is not None
         now_wall = now_ms()
         now = time.monotonic()
         for item in items:
@@ -573,22 +572,26 @@ class SinkConsumer:
             return Delivered(), None, b""
         started = time.perf_counter()
         try:
-            async with self._session.request(
-                request.method, request.url, headers=dict(request.headers), data=request.body
-            ) as response:
-                body = await response.read()
-                result = HttpResponse(
-                    response.status,
-                    {k.lower(): v for k, v in response.headers.items()},
-                    body,
-                )
+            result = await self._request(request)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.metrics.request_seconds.labels("error").observe(time.perf_counter() - started)
             return Retry(f"network: {exc.__class__.__name__}: {exc}"), None, b""
         self.metrics.request_seconds.labels(str(result.status)).observe(
             time.perf_counter() - started
         )
-        return self.sink.classify(request, result), result.status, body
+        return self.sink.classify(request, result), result.status, result.body
+
+    async def _request(self, request: HttpRequest) -> HttpResponse:
+        """The one place the consumer does HTTP: the sink's request, the answer for classify."""
+        assert self._session is not None
+        async with self._session.request(
+            request.method, request.url, headers=dict(request.headers), data=request.body
+        ) as response:
+            return HttpResponse(
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                await response.read(),
+            )
 
     async def healthcheck(self) -> str:
         """Send the sink's start-up probe once, as Vector does; the result is logged, not fatal.
@@ -603,16 +606,8 @@ class SinkConsumer:
             self.health = "skipped: the sink has no probe request (dry run, or none free)"
             log.info("sink %s healthcheck %s", self.sink.name, self.health)
             return self.health
-        assert self._session is not None
         try:
-            async with self._session.request(
-                request.method, request.url, headers=dict(request.headers), data=request.body
-            ) as response:
-                result = HttpResponse(
-                    response.status,
-                    {k.lower(): v for k, v in response.headers.items()},
-                    await response.read(),
-                )
+            result = await self._request(request)
             outcome = self.sink.classify(request, result)
             if isinstance(outcome, Delivered):
                 self.health = "passed"
