@@ -163,6 +163,21 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> No
         await asyncio.sleep(0.1)
 
 
+async def start_producer(producer: Any) -> None:
+    """Start ``producer`` within 15 s; if that fails or is cancelled, close it and re-raise."""
+    try:
+        await asyncio.wait_for(producer.start(), timeout=15)
+    except BaseException:
+        await stop_quietly(producer)
+        raise
+
+
+async def stop_quietly(producer: Any) -> None:
+    """Stop a producer that is broken or unwanted: bounded, errors ignored."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.stop(), timeout=5)
+
+
 class KafkaBus:
     """Publishes canonical events to the event topic with acks=all and bounded waits."""
 
@@ -199,7 +214,7 @@ class KafkaBus:
             attempt += 1
             producer = self._new_producer()
             try:
-                await asyncio.wait_for(producer.start(), timeout=15)
+                await start_producer(producer)
                 created = await ensure_topics(self._settings, [event_topic_spec(self._settings)])
                 if created:
                     log.info("created topic %s", ", ".join(created))
@@ -216,8 +231,7 @@ class KafkaBus:
                 )
                 return
             except (KafkaError, OSError, TimeoutError) as exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), timeout=5)
+                await stop_quietly(producer)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PublishError(
@@ -291,28 +305,20 @@ class KafkaBus:
             while True:
                 producer = self._new_producer()
                 try:
-                    await asyncio.wait_for(producer.start(), timeout=15)
+                    await start_producer(producer)  # closed again if stop() cancels us
                     break
                 except (KafkaError, OSError, TimeoutError) as exc:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(producer.stop(), timeout=5)
                     log.warning("new kafka producer not started: %r; retrying", exc)
                     await asyncio.sleep(1.0)
-                except asyncio.CancelledError:  # stop() during the start: close it, then end
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(producer.stop(), timeout=5)
-                    raise
             if self._producer is broken:
                 self._producer = producer
                 log.info("kafka producer replaced")
             else:  # stopped meanwhile
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), timeout=5)
+                await stop_quietly(producer)
         finally:
             self._replacing = None
         # Stop the broken one; bounded: its pending batches can only fail.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(broken.stop(), timeout=5)
+        await stop_quietly(broken)
 
     async def _publish(self, producer: Any, records: Sequence[Record]) -> None:
         topic = self._topic

@@ -32,7 +32,14 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from router import dlq
-from router.bus import FATAL_PRODUCER_ERRORS, TopicSpec, ensure_topics, event_topic_spec
+from router.bus import (
+    FATAL_PRODUCER_ERRORS,
+    TopicSpec,
+    ensure_topics,
+    event_topic_spec,
+    start_producer,
+    stop_quietly,
+)
 from router.delivery.batching import Batcher
 from router.delivery.offsets import PartitionOffsets
 from router.delivery.ratelimit import RateLimiter
@@ -861,15 +868,12 @@ class SinkConsumer:
             log.warning("dead-letter producer unusable (%r): replacing it", exc)
             producer = self._new_producer()
             try:
-                await asyncio.wait_for(producer.start(), timeout=15)
+                await start_producer(producer)
             except (TimeoutError, KafkaError, OSError) as start_exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), timeout=5)
                 log.warning("new dead-letter producer not started: %r", start_exc)
                 return  # the writer retries, and replaces it on the next fatal error
             self._producer = producer
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(broken.stop(), timeout=5)
+        await stop_quietly(broken)
 
     async def _write_dead(self, letter: dlq.DeadLetter, key: bytes) -> None:
         """Until Kafka has the dead letter, the event is not finished: retry, never drop."""
