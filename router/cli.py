@@ -184,12 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sink_problems(settings: Settings) -> list[str]:
     """Build every configured sink as its consumer would; one line per sink that cannot start."""
-    import importlib
-
     import sinks
 
-    for plugin in settings.plugins:
-        importlib.import_module(plugin)
+    sinks.load_plugins(settings.plugins)
     problems = []
     for name, config in settings.sinks.items():
         if name not in sinks.FACTORIES:

@@ -17,7 +17,6 @@ class _RuleCounters:
 class SinkMetrics:
     def __init__(self, sink: str, registry: CollectorRegistry) -> None:
         self.sink = sink
-        self.registry = registry
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, ["sink", *labels], registry=registry)

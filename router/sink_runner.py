@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import signal
 from collections.abc import Mapping
@@ -67,8 +66,7 @@ def health_app(consumer: SinkConsumer, registry: CollectorRegistry) -> web.Appli
 
 
 async def run_sink(settings: Settings, name: str) -> int:
-    for plugin in settings.plugins:
-        importlib.import_module(plugin)
+    sinks.load_plugins(settings.plugins)
     config = settings.sinks.get(name, {})
     try:
         sink = sinks.create(name, config)

@@ -20,7 +20,7 @@ import sinks
 from router.settings import Settings
 
 
-def components(settings: Settings) -> list[str]:
+def components() -> list[str]:
     """The sinks to run: every sink with a transport (built-in first, then plugins)."""
     names = [n for n in sinks.BUILT_IN if n in sinks.FACTORIES]
     names += sorted(n for n in sinks.FACTORIES if n not in sinks.BUILT_IN)
@@ -35,14 +35,11 @@ async def _pump(name: str, stream: asyncio.StreamReader) -> None:
 
 
 async def run_up(settings: Settings, config_args: Sequence[str]) -> int:
-    import importlib
-
-    for plugin in settings.plugins:
-        importlib.import_module(plugin)
+    sinks.load_plugins(settings.plugins)
     cli = [sys.executable, "-m", "router.cli", *config_args]
     base_port = settings.consumer.health_port
     plan: list[tuple[str, list[str], dict[str, str]]] = [("ingest", [*cli, "serve"], {})]
-    for index, name in enumerate(components(settings)):
+    for index, name in enumerate(components()):
         port = {"ROUTER_CONSUMER__HEALTH_PORT": str(base_port + index)}
         plan.append((f"sink:{name}", [*cli, "sink", name], port))
     if len(plan) == 1:

@@ -9,7 +9,8 @@ sinks with :func:`register`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from router.delivery.sink import Sink, tuned_limits
@@ -23,12 +24,14 @@ BUILT_IN: tuple[str, ...] = tuple(module.OUTPUTS.sink for module in _BUILT_IN)
 OUTPUTS: dict[str, SinkOutputs] = {module.OUTPUTS.sink: module.OUTPUTS for module in _BUILT_IN}
 #: sink name -> factory taking the sink's settings (``sinks.<name>`` in the config).
 FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {
-    "segment": segment.create,
-    "mixpanel": mixpanel.create,
-    "amplitude": amplitude.create,
-    "ga4": ga4.create,
-    "slack": slack.create,
+    module.OUTPUTS.sink: module.create for module in _BUILT_IN
 }
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import the ``plugins`` setting's modules; each registers its sinks on import."""
+    for module in modules:
+        importlib.import_module(module)
 
 
 def register(

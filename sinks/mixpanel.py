@@ -39,7 +39,7 @@ import importlib
 import math
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import quote
@@ -57,7 +57,6 @@ from router.delivery.sink import (
     Prepared,
     Reject,
     Retry,
-    Sink,
     SinkLimits,
     Split,
     classify_by_status,
@@ -481,7 +480,3 @@ def failed_records(body: bytes, count: int) -> dict[int, str]:
 def create(config: Mapping[str, Any]) -> MixpanelSink:
     """The sink from its settings (``sinks.mixpanel``); ValueError explains a bad config."""
     return MixpanelSink(sink_settings(config, MixpanelSettings, "mixpanel"))
-
-
-# What sinks.register expects (checked by mypy): MixpanelSink implements the Sink protocol.
-_FACTORY: Callable[[Mapping[str, Any]], Sink] = create

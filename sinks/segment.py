@@ -181,7 +181,6 @@ class SegmentSink:
         self._client: Any = Client("", send=False)
         self._clean: Callable[[Any], Any] = clean
         self._json_encoder: type[json.JSONEncoder] = DatetimeSerializer
-        self.library_version: str = str(VERSION)
         self._headers: dict[str, str] = {
             "Content-Type": "application/json",
             "User-Agent": f"pendo-event-router analytics-python/{VERSION}",

@@ -8,7 +8,6 @@ time has passed since its first item. Pure: the caller passes the clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -72,21 +71,6 @@ class Batcher(Generic[T]):
     def drain(self) -> list[list[T]]:
         """Every open batch, now (shutdown, partition revocation)."""
         return [self._close(k) for k in list(self._open)]
-
-    def remove(self, keep: Sequence[T]) -> list[T]:
-        """Drop open items not in ``keep`` (their partition was revoked); return the dropped."""
-        kept = set(map(id, keep))
-        dropped: list[T] = []
-        for key in list(self._open):
-            batch = self._open[key]
-            remaining = [i for i in batch.items if id(i) in kept]
-            dropped.extend(i for i in batch.items if id(i) not in kept)
-            self._count -= len(batch.items) - len(remaining)
-            if remaining:
-                batch.items = remaining
-            else:
-                del self._open[key]
-        return dropped
 
     def next_deadline(self) -> float | None:
         if not self._open:

@@ -58,7 +58,6 @@ class RateLimiter:
         self._per_key_burst = per_key_burst or (max(1.0, per_key_rate) if per_key_rate else 1.0)
         self._keys: dict[str, TokenBucket] = {}
         self._idle_forget_s = idle_forget_s
-        self.throttled_s = 0.0  # total wait imposed, for metrics
 
     def _bucket(self, key: str, now: float) -> TokenBucket:
         bucket = self._keys.get(key)

@@ -220,11 +220,6 @@ def json_items(items: Sequence[Prepared]) -> bytes:
     return b"[" + b",".join(item.body for item in items) + b"]"
 
 
-def header_value(headers: Mapping[str, Any], name: str) -> str | None:
-    value = headers.get(name.lower())
-    return None if value is None else str(value)
-
-
 def sink_secrets(sink: Sink) -> list[str]:
     """The sink's own list of secret strings, if it offers one."""
     secrets = getattr(sink, "secrets", None)

@@ -7,7 +7,6 @@ committed to the end once everything is finished, and one sink's outage does not
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -158,8 +157,7 @@ class Running:
 
 
 async def start_consumer(settings: Settings, sink_name: str = "fake") -> Running:
-    for plugin in settings.plugins:
-        importlib.import_module(plugin)
+    sinks.load_plugins(settings.plugins)
     config = settings.sinks.get(sink_name, {})
     sink = sinks.create(sink_name, config)
     live = LiveRules(Path(settings.rules.dir) / f"{sink_name}.yaml")
