@@ -68,6 +68,7 @@ from router.sink_metrics import SinkMetrics
 log = logging.getLogger(__name__)
 
 HEALTHY, DEGRADED, PAUSED = "healthy", "degraded", "paused"
+NULL = msgspec.Raw(b"null")  # a dead letter's event when it had to be left out
 # At max_inflight_events: wait this long for deliveries to free room, and pause the partitions
 # only once the cap has held for _PAUSE_AFTER_FULL_S (aiokafka drops what it prefetched for a
 # paused partition when getmany runs, and fetches it again after the resume).
@@ -886,12 +887,19 @@ class SinkConsumer:
                     producer.send_and_wait(self.dlq_topic, value=value, key=key),
                     timeout=self.cfg.dlq_timeout_ms / 1000,
                 )
-            except MessageSizeTooLargeError:
+            except MessageSizeTooLargeError as exc:
+                if letter.payload is None and letter.event_b64 is None and letter.event == NULL:
+                    # Still too large without them (a DLQ topic made elsewhere with a smaller
+                    # max.message.bytes): a configuration problem; wait as for any other error
+                    # rather than spin.
+                    log.error("dead letter not written (retrying): %r", exc)
+                    await asyncio.sleep(1.0)
+                    continue
                 # Retrying cannot help: keep the letter, without the event and payload; the
                 # original stays on its topic at the recorded partition and offset.
                 letter = msgspec.structs.replace(
                     letter,
-                    event=msgspec.Raw(b"null"),
+                    event=NULL,
                     event_b64=None,
                     payload=None,
                     detail=f"{letter.detail} (event and payload omitted: too large for the "
@@ -948,13 +956,14 @@ class SinkConsumer:
     async def _update_lag(self) -> None:
         consumer = self._consumer
         for tp in list(self._offsets):
+            high = consumer.highwater(tp)
+            if high is None:
+                continue  # nothing fetched yet: no lag to tell
             with contextlib.suppress(Exception):
-                high = consumer.highwater(tp)
-                position = await consumer.position(tp)
-                if high is not None:
-                    self.metrics.lag.labels(str(tp.partition), tp.topic).set(
-                        max(0, high - position)
-                    )
+                # position() waits until the position is known, without a bound; this runs in
+                # the commit loop, which must not wait on it.
+                position = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
+                self.metrics.lag.labels(str(tp.partition), tp.topic).set(max(0, high - position))
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
