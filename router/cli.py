@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from router.aio import unless_stopped
 from router.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("router")
@@ -62,7 +63,7 @@ async def _serve(settings: Settings) -> int:
     # Start-up (reaching Kafka, creating the topic) can take up to kafka.startup_timeout_s:
     # a SIGTERM meanwhile must stop it rather than wait for it.
     try:
-        started = await _unless_stopped(runner.setup(), stop)
+        started = await unless_stopped(runner.setup(), stop)
     except Exception as exc:
         log.error("cannot start: %s", exc)
         with contextlib.suppress(Exception):
@@ -88,21 +89,6 @@ async def _serve(settings: Settings) -> int:
     await runner.cleanup()
     log.info("stopped")
     return 0
-
-
-async def _unless_stopped(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
-    """Run ``work`` unless ``stop`` is set first (then cancel it); True when it completed."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if task in done:
-        task.result()  # re-raise a start-up failure
-        return True
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    return False
 
 
 async def _tail(settings: Settings, from_beginning: bool, count: int | None, idle_s: float) -> int:

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import sinks
+from router.aio import unless_stopped
 from router.consumer import SinkConsumer
 from router.delivery.sink import sink_secrets
 from router.dlq import Redactor
@@ -90,22 +91,15 @@ async def run_sink(settings: Settings, name: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     live.install_sighup(loop)
-    start = asyncio.ensure_future(consumer.start())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if not start.done():  # SIGTERM during start-up: stop now rather than after it
-        start.cancel()
-        with contextlib.suppress(BaseException):
-            await start
-        await runner.cleanup()
-        return 0
     try:
-        start.result()
+        started = await unless_stopped(consumer.start(), stop)
     except Exception as exc:
         log.error("cannot start sink %s: %r", name, exc)
         await runner.cleanup()
         return 1
+    if not started:  # SIGTERM during start-up: stop now rather than after it
+        await runner.cleanup()
+        return 0
     # The consumer allocates several container objects per event and keeps up to
     # max_inflight_events of them alive: with the default gen-0 threshold (700) the collector
     # runs every few hundred events and walks them again. Freeze what start-up made, collect less
