@@ -68,7 +68,6 @@ from router.delivery.sink import (
     HttpResponse,
     Outcome,
     Partial,
-    Pause,
     Prepared,
     Reject,
     SinkLimits,
@@ -644,15 +643,13 @@ class Ga4Sink:
         - Other 4xx: rejected ("If you don't get a 2xx, correct errors; don't retry the same
           request", sinks.md §3); 401/403 pause, 408/429/5xx retry, 413 splits (shared table).
         """
-        status = response.status
-        detail = f"HTTP {status}: {excerpt(response.body, 200)}"
-        if 200 <= status < 300:
+        if 200 <= response.status < 300:
             if urlsplit(request.url).path.endswith(DEBUG_PATH):
                 return _classify_validation(request, response)
             return Delivered()
-        if 300 <= status < 400 or status == 404:
-            return Pause(f"{detail} (check sinks.ga4.endpoint: {self.endpoint})")
-        return classify_by_status(response)
+        return classify_by_status(
+            response, endpoint_hint=f"check sinks.ga4.endpoint: {self.endpoint}"
+        )
 
 
 def _size(head: bytes, events: list[bytes]) -> int:

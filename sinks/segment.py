@@ -33,13 +33,10 @@ from router.delivery.sink import (
     HttpRequest,
     HttpResponse,
     Outcome,
-    Pause,
     Prepared,
-    Reject,
     SinkLimits,
     classify_by_status,
     endpoint_url,
-    excerpt,
     optional_secret,
     sink_settings,
 )
@@ -282,13 +279,9 @@ class SegmentSink:
           event is at fault, so the sink pauses instead of dead-lettering everything.
         - 401/403 pause, 408/429/5xx retry (honouring Retry-After), 413 splits: shared table.
         """
-        status = response.status
-        detail = f"HTTP {status}: {excerpt(response.body, 200)}"
-        if 300 <= status < 400 or status == 404:
-            return Pause(f"{detail} (check sinks.segment.endpoint: {self.endpoint})")
-        if status == 400:
-            return Reject(detail)
-        return classify_by_status(response)
+        return classify_by_status(
+            response, endpoint_hint=f"check sinks.segment.endpoint: {self.endpoint}"
+        )
 
 
 def create(config: Mapping[str, Any]) -> SegmentSink:

@@ -200,12 +200,20 @@ def excerpt(body: bytes, limit: int = 512) -> str:
     return text + ("…" if len(body) > limit else "")
 
 
-def classify_by_status(response: HttpResponse) -> Outcome:
-    """The shared retry table, for sinks whose API says nothing finer."""
-    verdict = verdict_for_status(response.status)
-    detail = f"HTTP {response.status}: {excerpt(response.body, 200)}"
+def classify_by_status(response: HttpResponse, endpoint_hint: str | None = None) -> Outcome:
+    """The shared retry table, for sinks whose API says nothing finer.
+
+    With ``endpoint_hint`` (say "check sinks.segment.endpoint: URL"), a redirect or a 404 means
+    a wrong endpoint setting, not a bad event: the sink pauses, naming what to check, instead
+    of dead-lettering every event it sends.
+    """
+    status = response.status
+    verdict = verdict_for_status(status)
+    detail = f"HTTP {status}: {excerpt(response.body, 200)}"
     if verdict is Verdict.DELIVERED:
         return Delivered()
+    if endpoint_hint is not None and (300 <= status < 400 or status == 404):
+        return Pause(f"{detail} ({endpoint_hint})")
     if verdict is Verdict.RETRY:
         return Retry(detail, parse_retry_after(response.headers.get("retry-after")))
     if verdict is Verdict.PAUSE:
