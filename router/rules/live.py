@@ -78,6 +78,7 @@ class LiveRules:
         self.sink = path.stem
         self._metrics = metrics
         self._fingerprint = _fingerprint(path)
+        self._requested = asyncio.Event()  # SIGHUP: reload now, whatever the files say
         ruleset = verify(load_rules(path))  # a consumer must not start on rules that fail
         self.current: RuleSet = ruleset
         self._publish_info(None, ruleset)
@@ -111,14 +112,25 @@ class LiveRules:
         return _fingerprint(self.path) != self._fingerprint
 
     async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Reload whenever the files change, until ``stop`` is set."""
+        """Reload whenever the files change or a SIGHUP asks, until ``stop`` is set.
+
+        The one place reloads run: loading runs the rule tests, so it happens off the event loop
+        (consumers keep polling), and never twice at once.
+        """
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except TimeoutError:
-                if self.changed():
-                    # Loading runs the rule tests: off the event loop, so consumers keep polling.
-                    await asyncio.to_thread(self.reload)
+            waits = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._requested.wait()),
+            }
+            await asyncio.wait(waits, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if stop.is_set():
+                return
+            if self._requested.is_set() or self.changed():
+                self._requested.clear()
+                await asyncio.to_thread(self.reload)
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        """SIGHUP asks :meth:`watch` for a reload (the handler itself must not run the tests)."""
+        loop.add_signal_handler(signal.SIGHUP, self._requested.set)

@@ -156,9 +156,14 @@ async def test_sighup_reloads(rules_file: Path) -> None:
     live = LiveRules(rules_file)
     loop = asyncio.get_running_loop()
     live.install_sighup(loop)
+    stop = asyncio.Event()
+    # An hour between looks at the files: only the signal can make this reload in time.
+    watcher = asyncio.create_task(live.watch(3600, stop))
     try:
         write(rules_file, V2)
         os.kill(os.getpid(), signal.SIGHUP)
         await _wait_for(lambda: text_of(live) == "Score 3")
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        stop.set()
+        await asyncio.wait_for(watcher, 5)
