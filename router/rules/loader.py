@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import yaml
@@ -165,24 +165,38 @@ def _schema_problems(data: Any, exc: msgspec.ValidationError) -> list[tuple[str,
     return [_locate(data, exc)]
 
 
-def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> tuple[Any, yaml.Node | None]:
+class _Read(NamedTuple):
+    """One YAML file read once: its bytes (for the rule set's hash), the data and the node tree."""
+
+    raw: bytes
+    data: Any
+    root: yaml.Node | None
+
+
+def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> _Read:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(FileProblem(label, None, "$", f"cannot read: {exc}"))
-        return None, None
+        return _Read(b"", None, None)
+    # One parse: the node tree (for line numbers and duplicate keys) and the data built from it,
+    # as yaml.load does internally.
+    loader = _RuleLoader(text)
     try:
-        root = yaml.compose(text, Loader=_RuleLoader)
-        data = yaml.load(text, Loader=_RuleLoader)  # noqa: S506  (a SafeLoader subclass)
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         reason = getattr(exc, "problem", None) or str(exc)
         problems.append(FileProblem(label, line, "$", f"not valid YAML: {reason}"))
-        return None, None
+        return _Read(raw, None, None)
+    finally:
+        loader.dispose()
     for dup_path, line, reason in _duplicate_keys(root):
         problems.append(FileProblem(label, line, dup_path, reason))
-    return data, root
+    return _Read(raw, data, root)
 
 
 def _label(path: Path) -> str:
@@ -198,7 +212,7 @@ def load_rules(path: Path) -> LoadedRules:
     sink = path.stem
     loaded = LoadedRules(sink=sink, path=path, ruleset=None, rule_file=None, sources=[path])
     problems = loaded.problems
-    data, root = _read_yaml(path, label, problems)
+    raw, data, root = _read_yaml(path, label, problems)
     if data is None and root is None:
         if not problems:
             problems.append(FileProblem(label, None, "$", "the file is empty"))
@@ -230,16 +244,21 @@ def load_rules(path: Path) -> LoadedRules:
                 f"the file for sink {rule_file.sink!r} must be named {rule_file.sink}.yaml",
             )
         )
-    parts = [path.read_bytes()]
-    test_paths = sorted((path.parent / "tests").glob(f"{sink}*.yaml"))
-    for test_path in test_paths:
-        parts.append(test_path.read_bytes())
+    # Each test file read once: the hash covers exactly the bytes that are checked and run.
+    # (Their read problems are reported after the rule file's own, as before.)
+    test_reads: list[tuple[Path, _Read, list[FileProblem]]] = []
+    for test_path in sorted((path.parent / "tests").glob(f"{sink}*.yaml")):
+        read_problems: list[FileProblem] = []
+        read = _read_yaml(test_path, _label(test_path), read_problems)
+        test_reads.append((test_path, read, read_problems))
+    parts = [raw, *(read.raw for _, read, _ in test_reads)]
     ruleset, found = compile_file(rule_file, outputs, parts)
     problems.extend(_located(label, root, found))
     loaded.tests = [(path, test, f"$.tests[{i}]") for i, test in enumerate(rule_file.tests)]
-    for test_path in test_paths:
+    for test_path, read, read_problems in test_reads:
         loaded.sources.append(test_path)
-        _load_test_file(test_path, sink, loaded)
+        problems.extend(read_problems)
+        _load_test_file(test_path, read, sink, loaded)
     if not problems:
         loaded.ruleset = ruleset
     return loaded
@@ -249,9 +268,9 @@ def _located(label: str, root: yaml.Node | None, found: Sequence[Problem]) -> li
     return [FileProblem(label, line_of(root, p.path), p.path, p.message) for p in found]
 
 
-def _load_test_file(path: Path, sink: str, loaded: LoadedRules) -> None:
+def _load_test_file(path: Path, read: _Read, sink: str, loaded: LoadedRules) -> None:
     label = _label(path)
-    data, root = _read_yaml(path, label, loaded.problems)
+    data, root = read.data, read.root
     if data is None:
         if root is None and not any(p.file == label for p in loaded.problems):
             loaded.problems.append(FileProblem(label, None, "$", "the file is empty"))
