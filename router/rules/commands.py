@@ -9,9 +9,9 @@ from typing import TextIO
 
 import msgspec
 
+from router.rules import testing
 from router.rules.loader import LoadedRules, load_rules, rule_paths
 from router.rules.model import RuleFile, TestFile
-from router.rules.testing import run_test
 
 
 def _targets(paths: Sequence[str], default_dir: str, err: TextIO) -> list[Path] | None:
@@ -72,13 +72,12 @@ def run_tests(paths: Sequence[str], default_dir: str, out: TextIO = sys.stdout) 
             failed += 1
             out.write(f"FAIL {path}: no tests (add tests: to the file or rules/tests/)\n")
             continue
-        for test_path, case, where in loaded.tests:
-            result = run_test(loaded.ruleset, test_path, case, where)
+        for result in testing.run_tests(loaded.ruleset, loaded.tests):
             if result.passed:
                 passed += 1
                 continue
             failed += 1
-            out.write(f"FAIL {test_path} {where} {case.name!r}\n")
+            out.write(f"FAIL {result.file} {result.where} {result.name!r}\n")
             for detail in result.details:
                 out.write(f"  {detail}\n")
     out.write(f"rule tests: {passed} passed, {failed} failed\n")

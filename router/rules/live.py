@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router.rules.engine import RuleSet
 from router.rules.loader import LoadedRules, load_rules
-from router.rules.testing import run_test
+from router.rules.testing import run_tests
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,11 @@ def verify(loaded: LoadedRules) -> RuleSet:
     """The compiled set if it passes check and all its tests; RulesError with the reasons if not."""
     if loaded.ruleset is None:
         raise RulesError("; ".join(str(p) for p in loaded.problems) or "the rules do not load")
-    failures: list[str] = []
-    for path, case, where in loaded.tests:
-        result = run_test(loaded.ruleset, path, case, where)
-        if not result.passed:
-            failures.append(f"{path} {where} {case.name!r}: {' | '.join(result.details)}")
+    failures = [
+        f"{r.file} {r.where} {r.name!r}: {' | '.join(r.details)}"
+        for r in run_tests(loaded.ruleset, loaded.tests)
+        if not r.passed
+    ]
     if failures:
         raise RulesError(f"{len(failures)} rule test(s) fail: " + "; ".join(failures))
     return loaded.ruleset

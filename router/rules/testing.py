@@ -8,6 +8,7 @@ sink would see them), and every expected mapping error occurred with the reason 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,3 +133,8 @@ def run_test(ruleset: RuleSet, file: Path, test: RuleTest, where: str) -> TestRe
         result.details.append(f"rule {rule_id!r} failed unexpectedly at {got.field}: {got.reason}")
     result.passed = not result.details
     return result
+
+
+def run_tests(ruleset: RuleSet, tests: Sequence[tuple[Path, RuleTest, str]]) -> list[TestResult]:
+    """Every test of a rule file (``LoadedRules.tests``: file, case, where) against ``ruleset``."""
+    return [run_test(ruleset, path, case, where) for path, case, where in tests]
