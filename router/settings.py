@@ -275,7 +275,7 @@ def _describe(
 
 def _check(settings: Settings) -> None:
     problems: list[str] = []
-    k, i = settings.kafka, settings.ingest
+    k, i, c = settings.kafka, settings.ingest, settings.consumer
     for name, value, low in (
         ("kafka.partitions", k.partitions, 1),
         ("kafka.replication_factor", k.replication_factor, 1),
@@ -286,6 +286,7 @@ def _check(settings: Settings) -> None:
         ("ingest.max_batch_events", i.max_batch_events, 1),
         ("ingest.max_inflight_requests", i.max_inflight_requests, 1),
         ("ingest.retry_after_s", i.retry_after_s, 1),
+        ("consumer.max_inflight_events", c.max_inflight_events, 1),
     ):
         if value < low:
             problems.append(f"config key {name}: must be >= {low}, got {value}")
@@ -302,13 +303,10 @@ def _check(settings: Settings) -> None:
         )
     if settings.log_level.upper() not in _LOG_LEVELS:
         problems.append(f"config key log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
-    c = settings.consumer
     if c.revoke_timeout_s * 1000 >= c.rebalance_timeout_ms:
         problems.append(
             "config key consumer.revoke_timeout_s: must be below consumer.rebalance_timeout_ms"
         )
-    if c.max_inflight_events < 1:
-        problems.append("config key consumer.max_inflight_events: must be >= 1")
     if problems:
         raise ConfigError("\n".join(problems))
 
