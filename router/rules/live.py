@@ -17,7 +17,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from router.rules.engine import RuleSet
-from router.rules.loader import LoadedRules, load_rules
+from router.rules.loader import LoadedRules, load_rules, rule_test_files
 from router.rules.testing import run_tests
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class RulesMetrics:
 
 
 def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
-    files = [path, *sorted((path.parent / "tests").glob(f"{path.stem}*.yaml"))]
+    files = [path, *rule_test_files(path)]
     marks: list[tuple[str, int, int]] = []
     for file in files:
         try:

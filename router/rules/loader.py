@@ -206,6 +206,11 @@ def _label(path: Path) -> str:
         return str(path)
 
 
+def rule_test_files(path: Path) -> list[Path]:
+    """The test files of rule file ``path``: ``tests/<sink>*.yaml`` beside it, in order."""
+    return sorted((path.parent / "tests").glob(f"{path.stem}*.yaml"))
+
+
 def load_rules(path: Path) -> LoadedRules:
     """Load, compile and check one rule file and the test files beside it (rules/tests/)."""
     label = _label(path)
@@ -247,7 +252,7 @@ def load_rules(path: Path) -> LoadedRules:
     # Each test file read once: the hash covers exactly the bytes that are checked and run.
     # (Their read problems are reported after the rule file's own, as before.)
     test_reads: list[tuple[Path, _Read, list[FileProblem]]] = []
-    for test_path in sorted((path.parent / "tests").glob(f"{sink}*.yaml")):
+    for test_path in rule_test_files(path):
         read_problems: list[FileProblem] = []
         read = _read_yaml(test_path, _label(test_path), read_problems)
         test_reads.append((test_path, read, read_problems))
