@@ -17,6 +17,7 @@ content in a canonical encoding, so a re-sent event keeps its id even if it was 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
@@ -83,13 +84,14 @@ _URL_PROPERTY_NAMES: Final[dict[str, str]] = {
     "reason": "comment",
 }
 
-# Above this a URL-webhook timestamp is taken as milliseconds: 1e11 s is the year 5138, while
-# 1e11 ms is 1973, so the two units cannot be confused for any real event time.
-_MS_THRESHOLD: Final = 100_000_000_000
+# From here on an epoch number is milliseconds, below it seconds (URL-webhook timestamps, and
+# every time a rule maps, as docs/rules.md says): 1e11 s is the year 5138 while 1e11 ms is 1973,
+# so the two units cannot be confused for any real event time.
+MS_THRESHOLD: Final = 100_000_000_000
 # 9999-12-31T23:59:59.999Z in ms: the last instant a datetime holds. Larger values are refused
 # with a schema error rather than overflowing into a 500.
 _MAX_MS: Final = 253_402_300_799_999
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 
 
@@ -220,13 +222,48 @@ def _utc(value: datetime, path: str) -> datetime:
 
 def _epoch_ms(value: float) -> int:
     """A URL-webhook timestamp (seconds, or milliseconds from 1e11 on) as integer milliseconds."""
-    if value >= _MS_THRESHOLD:
+    if value >= MS_THRESHOLD:
         return int(value)
     return round(value * 1000)
 
 
 def datetime_ms(value: datetime) -> int:
-    return (value - _EPOCH) // _ONE_MS
+    return (value - EPOCH) // _ONE_MS
+
+
+def rule_datetime(value: Any, field: str) -> datetime:
+    """A time a rule mapped, as an aware datetime; ``ValueError`` naming ``field`` otherwise.
+
+    Accepted: a datetime (naive is UTC), ISO 8601 text, or an epoch number (seconds, or
+    milliseconds from :data:`MS_THRESHOLD` on). Each sink then applies its API's own range.
+    """
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{field}: {value!r} is not a time")
+        try:
+            if value >= MS_THRESHOLD:
+                return EPOCH + timedelta(milliseconds=value)
+            return EPOCH + timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError(f"{field}: {value!r} is out of the date-time range") from None
+    if isinstance(value, str):
+        try:
+            when = msgspec.convert(value, datetime)
+        except msgspec.ValidationError:
+            raise ValueError(f"{field}: {value!r} is not an ISO 8601 date-time") from None
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    raise ValueError(f"{field}: expected a date-time, got {type(value).__name__}")
+
+
+def rule_time_ms(value: Any, field: str) -> int:
+    """:func:`rule_datetime` as integer milliseconds since the epoch (no datetime for numbers)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{field}: {value!r} is not a time")
+        return math.floor(value if value >= MS_THRESHOLD else value * 1000)
+    return datetime_ms(rule_datetime(value, field))
 
 
 def now_ms() -> int:

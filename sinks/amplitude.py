@@ -37,9 +37,7 @@ excerpts it keeps in dead letters and logs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -61,7 +59,7 @@ from router.delivery.sink import (
     optional_secret,
     sink_settings,
 )
-from router.events import Event
+from router.events import Event, rule_time_ms
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, all_of, max_len, nonempty
 from router.settings import Secret
@@ -198,10 +196,7 @@ BATCH_LIMITS = SinkLimits(
     concurrency=4,
 )
 
-# Before this many milliseconds (1973-03-03), an integer time is taken to be in seconds.
-_SECONDS_BELOW = 100_000_000_000
 _LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class AmplitudeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -222,29 +217,12 @@ def _time_ms(value: Any, default: int) -> int:
     """Amplitude's ``time``: integer milliseconds since the epoch (any other form is a 400)."""
     if value is None:
         return default
-    if isinstance(value, bool):
-        raise ValueError("time: expected a time, got boolean")
-    if isinstance(value, str):
-        try:
-            value = msgspec.convert(value, datetime)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"time: {value!r}: {exc}") from None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        ms: int = (value - _EPOCH) // timedelta(milliseconds=1)
-        if ms < 0:
-            raise ValueError(f"time: {value.isoformat()} is before 1970")
-        return ms
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"time: {value!r} is not a time")
-        if value < _SECONDS_BELOW:
-            value = value * 1000
-        if value > _LATEST_MS:
-            raise ValueError(f"time: {value!r} is past the year 9999")
-        return int(value)
-    raise ValueError(f"time: expected a time, got {type(value).__name__}")
+    ms = rule_time_ms(value, "time")
+    if ms < 0:
+        raise ValueError(f"time: {value!r} is before 1970")
+    if ms > _LATEST_MS:
+        raise ValueError(f"time: {value!r} is past the year 9999")
+    return ms
 
 
 def _is_zero_id(value: str) -> bool:

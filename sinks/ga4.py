@@ -56,7 +56,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
@@ -77,7 +76,7 @@ from router.delivery.sink import (
     optional_secret,
     sink_settings,
 )
-from router.events import Event
+from router.events import Event, rule_time_ms
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, ValueCheck, nonempty
 from router.settings import Secret
@@ -319,25 +318,7 @@ def _normalise_endpoint(endpoint: str) -> str:
 
 def _epoch_ms(value: Any, event: Event) -> int:
     """The event time in ms: the rule's ``timestamp`` if it maps one, else the event's."""
-    if value is None:
-        return event.timestamp
-    if isinstance(value, datetime):
-        when = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ValueError(f"timestamp: {value!r} is not a time")
-        # The rules engine's convention (to_iso8601): 12+ digits are milliseconds.
-        return int(value if value >= 100_000_000_000 else value * 1000)
-    elif isinstance(value, str):
-        try:
-            when = msgspec.convert(value, datetime)
-        except msgspec.ValidationError:
-            raise ValueError(f"timestamp: {value!r} is not an ISO 8601 date-time") from None
-    else:
-        raise ValueError(f"timestamp: expected a date-time, got {type(value).__name__}")
-    if when.tzinfo is None:  # a naive time is UTC
-        when = when.replace(tzinfo=UTC)
-    return (when - datetime.fromtimestamp(0, UTC)) // timedelta(milliseconds=1)
+    return event.timestamp if value is None else rule_time_ms(value, "timestamp")
 
 
 def _name_problem(name: Any, what: str, limit: int, reserved: frozenset[str]) -> str | None:

@@ -36,11 +36,9 @@ from __future__ import annotations
 import base64
 import gzip
 import importlib
-import math
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -64,7 +62,7 @@ from router.delivery.sink import (
     json_items,
     sink_settings,
 )
-from router.events import Event
+from router.events import Event, rule_time_ms
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, nonempty
 from router.settings import Secret, secret_from
@@ -183,7 +181,6 @@ HOSTS: Final = {
 
 _INSERT_ID = re.compile(r"[A-Za-z0-9-]{1,36}")
 _RESERVED = ("time", "distinct_id", "$insert_id", "token")
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _encoder = msgspec.json.Encoder()
 
 
@@ -397,30 +394,8 @@ def insert_id_for(idempotency_key: str) -> str:
 
 
 def event_time_ms(value: Any) -> int:
-    """A rule's time (ISO text, datetime, epoch seconds or milliseconds) -> integer ms.
-
-    Numbers below 100,000,000,000 are seconds, from there milliseconds (as in docs/rules.md).
-    """
-    if isinstance(value, bool):
-        raise ValueError("time: a boolean is not a time")
-    ms: int
-    if isinstance(value, int):
-        ms = value * 1000 if abs(value) < MIN_TIME_MS else value
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"time: {value!r} is not a time")
-        ms = math.floor(value * 1000 if abs(value) < MIN_TIME_MS else value)
-    elif isinstance(value, (str, datetime)):
-        if isinstance(value, str):
-            try:
-                value = msgspec.convert(value, datetime)
-            except msgspec.ValidationError:
-                raise ValueError(f"time: {value!r} is not an ISO 8601 date-time") from None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        ms = (value - _EPOCH) // timedelta(milliseconds=1)
-    else:
-        raise ValueError(f"time: {type(value).__name__} is not a time")
+    """A rule's time (see :func:`router.events.rule_datetime`) as the integer ms Mixpanel takes."""
+    ms = rule_time_ms(value, "time")
     if ms < MIN_TIME_MS:
         raise ValueError(f"time: {ms} ms is before 1973-03-03, which Mixpanel would misread")
     return ms

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -40,7 +40,7 @@ from router.delivery.sink import (
     optional_secret,
     sink_settings,
 )
-from router.events import Event
+from router.events import EPOCH, Event, rule_datetime
 from router.rules.engine import Routed
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, nonempty
 from router.settings import Secret
@@ -135,24 +135,8 @@ def _normalise_endpoint(endpoint: str) -> str:
 def _event_time(value: Any, event: Event) -> datetime:
     """The message time: the rule's ``timestamp`` if it maps one, else the event time."""
     if value is None:
-        return datetime.fromtimestamp(0, UTC) + timedelta(milliseconds=event.timestamp)
-    if isinstance(value, datetime):
-        when = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        # The rules engine's convention (to_iso8601): 12+ digits are milliseconds.
-        epoch = datetime.fromtimestamp(0, UTC)
-        when = epoch + (
-            timedelta(milliseconds=value) if value >= 100_000_000_000 else timedelta(seconds=value)
-        )
-    elif isinstance(value, str):
-        try:
-            when = msgspec.convert(value, datetime)
-        except msgspec.ValidationError:
-            raise ValueError(f"timestamp: {value!r} is not an ISO 8601 date-time") from None
-    else:
-        raise ValueError(f"timestamp: expected a date-time, got {type(value).__name__}")
-    # A naive time is UTC here (the library would guess the local zone for a recent one).
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        return EPOCH + timedelta(milliseconds=event.timestamp)
+    return rule_datetime(value, "timestamp")
 
 
 class SegmentSink:

@@ -22,7 +22,7 @@ from typing import Any, Final
 import msgspec
 from msgspec import UNSET
 
-from router.events import Event
+from router.events import EPOCH, MS_THRESHOLD, Event
 from router.rules.model import Condition, Directive, Rule, RuleFile
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, compile_checks, type_problem
 
@@ -37,21 +37,7 @@ class _Missing:
 MISSING: Final = _Missing()
 
 #: Top-level fields of the canonical event that a path may start with.
-EVENT_FIELDS: Final = frozenset(
-    {
-        "id",
-        "source",
-        "type",
-        "name",
-        "visitor_id",
-        "account_id",
-        "properties",
-        "context",
-        "timestamp",
-        "received_at",
-        "raw",
-    }
-)
+EVENT_FIELDS: Final = frozenset(Event.__struct_fields__)
 
 #: Top-level fields that hold a string, an integer or null, never a map or a list.
 SCALAR_FIELDS: Final = EVENT_FIELDS - {"properties", "context", "raw"}
@@ -506,8 +492,6 @@ def _as_datetime(value: Any) -> datetime | None:
 # ---- transforms ----------------------------------------------------------------------------
 
 Transform = Callable[[Any], Any]
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MS_THRESHOLD: Final = 100_000_000_000
 
 
 def _text(value: Any) -> str:
@@ -542,7 +526,7 @@ def _iso_ms(value: int) -> str:
     seconds, millis = divmod(value, 1000)
     head = _ISO_SECONDS.get(seconds)
     if head is None:
-        head = _iso(_EPOCH + timedelta(seconds=seconds))[:-1]
+        head = _iso(EPOCH + timedelta(seconds=seconds))[:-1]
         if len(_ISO_SECONDS) >= _ISO_SECONDS_MAX:
             _ISO_SECONDS.clear()
         _ISO_SECONDS[seconds] = head
@@ -559,9 +543,9 @@ def _to_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value >= _MS_THRESHOLD:
-            return _EPOCH + timedelta(milliseconds=value)
-        return _EPOCH + timedelta(seconds=value)
+        if value >= MS_THRESHOLD:
+            return EPOCH + timedelta(milliseconds=value)
+        return EPOCH + timedelta(seconds=value)
     if isinstance(value, str):
         parsed = _parse_datetime(value)
         if parsed is not None:
@@ -610,12 +594,12 @@ _SIMPLE_TRANSFORMS: Final[dict[str, Transform]] = {
     "to_str": _text,
     "to_unix_ms": lambda v: (
         v
-        if type(v) is int and v >= _MS_THRESHOLD
-        else int((_to_datetime(v) - _EPOCH) // timedelta(milliseconds=1))
+        if type(v) is int and v >= MS_THRESHOLD
+        else int((_to_datetime(v) - EPOCH) // timedelta(milliseconds=1))
     ),
-    "to_unix_s": lambda v: int((_to_datetime(v) - _EPOCH) // timedelta(seconds=1)),
+    "to_unix_s": lambda v: int((_to_datetime(v) - EPOCH) // timedelta(seconds=1)),
     "to_iso8601": lambda v: (
-        _iso_ms(v) if type(v) is int and v >= _MS_THRESHOLD else _iso(_to_datetime(v))
+        _iso_ms(v) if type(v) is int and v >= MS_THRESHOLD else _iso(_to_datetime(v))
     ),
     "sha256": lambda v: hashlib.sha256(_text(v).encode()).hexdigest(),
 }

@@ -812,3 +812,9 @@ async def test_sink_outcomes_from_emulator_answers(aiohttp_server: ServerFactory
     wrong = sink(endpoint=str(server.make_url("/nope")))
     (request,) = wrong.build([good])
     assert isinstance(wrong.classify(request, await send(request)), Pause)
+
+
+def test_a_timestamp_out_of_range_is_refused_not_raised_past_the_consumer() -> None:
+    # An OverflowError escaped prepare here and stopped the consumer on the event for good.
+    with pytest.raises(ValueError, match=r"timestamp: .* out of the date-time range"):
+        sink().prepare(routed("track", event="E", userId="u", timestamp=10**20), KEY, event())
