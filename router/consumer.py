@@ -422,6 +422,12 @@ class SinkConsumer:
                 prepared = self.sink.prepare(output, key, event)
             except ValueError as exc:
                 refused = (dlq.INVALID_PAYLOAD, str(exc))
+            except Exception as exc:
+                # A sink is pure, so any other error here is a sink bug meeting an odd value;
+                # raised, it would stop the consumer on this record after every restart.
+                refused = (dlq.INVALID_PAYLOAD, f"{self.sink.name} could not encode it: {exc!r}")
+                if self._log_throttle.allow("prepare_error")[0]:
+                    log.exception("sink %s: prepare failed (a bug in the sink)", self.sink.name)
             else:
                 size = len(prepared.body)
                 limits = self.sink.limits

@@ -49,6 +49,8 @@ class FakeSink:
     def prepare(self, output: Routed, idempotency_key: str, event: Event) -> Prepared:
         if output.payload.get("name") == "unencodable":
             raise ValueError("the fake sink refuses this payload")
+        if output.payload.get("name") == "crashing":  # a sink bug meeting an odd value
+            raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
         body = {"key": idempotency_key, "event_id": event.id, "rule": output.rule_id}
         return Prepared(_encoder.encode({**body, **output.payload}))
 

@@ -241,7 +241,10 @@ async def test_delivers_filters_and_dead_letters_every_reason(
     filtered = [track_event(1000 + i, type_="guide.viewed") for i in range(20)]
     broken = [track_event(2000 + i, name="broken") for i in range(5)]
     unencodable = [track_event(3000 + i, name="unencodable") for i in range(3)]
-    await publish(settings, tracks + filtered + broken + unencodable, garbage=[b"not json"])
+    crashing = [track_event(4000 + i, name="crashing") for i in range(2)]
+    await publish(
+        settings, tracks + filtered + broken + unencodable + crashing, garbage=[b"not json"]
+    )
 
     running = await start_consumer(settings)
     try:
@@ -254,15 +257,17 @@ async def test_delivers_filters_and_dead_letters_every_reason(
     assert destination.delivered_event_ids() == expected
     assert len(destination.ledger) == len(expected)  # no duplicates in a clean run
     assert destination.authorizations == {f"Bearer {TOKEN}"}
-    letters = await dead_letters(settings, "fake", expected=9)
+    letters = await dead_letters(settings, "fake", expected=11)
     reasons: dict[str, set[str | None]] = {}
     for letter in letters:
         reasons.setdefault(letter.reason, set()).add(letter.event_id)
     assert reasons == {
         "mapping_error": {e.id for e in broken},
-        "invalid_payload": {e.id for e in unencodable},
+        "invalid_payload": {e.id for e in unencodable + crashing},
         "invalid_event": {None},
     }
+    crashed = next(x for x in letters if x.event_id == crashing[0].id)
+    assert crashed.detail.startswith("fake could not encode it: TypeError(")
     mapping = next(x for x in letters if x.reason == "mapping_error")
     assert mapping.rule_id == "broken"
     assert mapping.detail == "name: required value missing (path properties.absent)"
