@@ -59,7 +59,7 @@ from router.delivery.sink import (
     excerpt,
     idempotency_key,
 )
-from router.events import Event, decode_event, now_ms
+from router.events import decode_event, now_ms
 from router.rules.engine import Failed, Routed
 from router.rules.live import LiveRules
 from router.settings import ConsumerSettings, Settings
@@ -386,30 +386,32 @@ class SinkConsumer:
         try:
             event = decode_event(value)
         except Exception as exc:
-            await self._dead(
-                [],
+            await self._dead_letter(
                 dlq.INVALID_EVENT,
                 f"not a canonical event: {exc}",
                 ticket=ticket,
-                value=value,
                 tp=tp,
+                value=value,
+                key=f"{tp.topic}:{tp.partition}:{offset}".encode(),
             )
+            self._finish_ticket(ticket)
             return
         ruleset = self.rules.current
         outputs = ruleset.evaluate(event)
         routed = [o for o in outputs if isinstance(o, Routed)]
         for failure in (o for o in outputs if isinstance(o, Failed)):
             self.metrics.rule(failure.rule_id).failed.inc()
-            await self._dead_output(
-                event,
-                failure.rule_id,
-                None,
+            # The ticket stays open: the event's other outputs are still to come.
+            await self._dead_letter(
                 dlq.MAPPING_ERROR,
                 f"{failure.field}: {failure.reason}",
-                ticket,
-                value,
-                tp,
-                ruleset.hash,
+                ticket=ticket,
+                tp=tp,
+                value=value,
+                key=event.id.encode(),
+                event_id=event.id,
+                rule_id=failure.rule_id,
+                ruleset=ruleset.hash,
             )
         if not outputs:
             self.metrics.filtered.inc()
@@ -439,10 +441,19 @@ class SinkConsumer:
                     )
             if refused is not None:
                 reason, detail = refused
-                await self._dead_output(
-                    event, output.rule_id, output.payload, reason, detail,
-                    ticket, value, tp, ruleset.hash, key,
-                )  # fmt: skip
+                await self._dead_letter(
+                    reason,
+                    detail,
+                    ticket=ticket,
+                    tp=tp,
+                    value=value,
+                    key=event.id.encode(),
+                    event_id=event.id,
+                    rule_id=output.rule_id,
+                    idempotency_key=key,
+                    payload=output.payload,
+                    ruleset=ruleset.hash,
+                )
                 continue
             item = Item(
                 ticket,
@@ -773,84 +784,57 @@ class SinkConsumer:
 
     # ---- dead letters --------------------------------------------------------------------
 
-    async def _dead_items(
-        self, items: Sequence[Item], reason: str, detail: str, status: int | None, body: bytes
-    ) -> None:
-        for item in items:
-            letter = dlq.DeadLetter(
-                sink=self.sink.name,
-                reason=reason,
-                detail=self.redact(detail),
-                event_id=item.event_id,
-                rule_id=item.rule_id,
-                idempotency_key=item.key,
-                payload=item.payload,
-                status=status,
-                response=self.redact(excerpt(body)) if body else None,
-                attempts=item.attempts,
-                first_attempt_at=item.first_attempt_ms,
-                last_attempt_at=item.last_attempt_ms,
-                ruleset=item.ruleset,
-                topic=item.tp.topic,
-                partition=item.tp.partition,
-                offset=item.ticket.offset,
-                **dlq.event_fields(item.value),
-            )
-            await self._write_dead(letter, item.key.encode())
-            self._finish_ticket(item.ticket)
-
-    async def _dead_output(
+    async def _dead_letter(
         self,
-        event: Event,
-        rule_id: str,
-        payload: Any,
-        reason: str,
-        detail: str,
-        ticket: _Ticket,
-        value: bytes,
-        tp: TopicPartition,
-        ruleset: str,
-        key: str | None = None,
-    ) -> None:
-        ticket.remaining += 1
-        letter = dlq.DeadLetter(
-            sink=self.sink.name,
-            reason=reason,
-            detail=self.redact(detail),
-            event_id=event.id,
-            rule_id=rule_id,
-            idempotency_key=key,
-            payload=payload,
-            ruleset=ruleset,
-            topic=tp.topic,
-            partition=tp.partition,
-            offset=ticket.offset,
-            **dlq.event_fields(value),
-        )
-        await self._write_dead(letter, event.id.encode())
-        self._finish_ticket(ticket)
-
-    async def _dead(
-        self,
-        items: Sequence[Item],
         reason: str,
         detail: str,
         *,
         ticket: _Ticket,
-        value: bytes,
         tp: TopicPartition,
+        value: bytes,
+        key: bytes,
+        status: int | None = None,
+        body: bytes = b"",
+        **fields: Any,
     ) -> None:
+        """Write one dead letter (the event, where it was, why); the caller finishes the ticket."""
         letter = dlq.DeadLetter(
             sink=self.sink.name,
             reason=reason,
             detail=self.redact(detail),
+            status=status,
+            response=self.redact(excerpt(body)) if body else None,
             topic=tp.topic,
             partition=tp.partition,
             offset=ticket.offset,
+            **fields,
             **dlq.event_fields(value),
         )
-        await self._write_dead(letter, f"{tp.topic}:{tp.partition}:{ticket.offset}".encode())
-        self._finish_ticket(ticket)
+        await self._write_dead(letter, key)
+
+    async def _dead_items(
+        self, items: Sequence[Item], reason: str, detail: str, status: int | None, body: bytes
+    ) -> None:
+        for item in items:
+            await self._dead_letter(
+                reason,
+                detail,
+                ticket=item.ticket,
+                tp=item.tp,
+                value=item.value,
+                key=item.key.encode(),
+                status=status,
+                body=body,
+                event_id=item.event_id,
+                rule_id=item.rule_id,
+                idempotency_key=item.key,
+                payload=item.payload,
+                attempts=item.attempts,
+                first_attempt_at=item.first_attempt_ms,
+                last_attempt_at=item.last_attempt_ms,
+                ruleset=item.ruleset,
+            )
+            self._finish_ticket(item.ticket)
 
     def _new_producer(self) -> AIOKafkaProducer:
         kafka = self.settings.kafka
