@@ -82,9 +82,10 @@ class TopicSpec:
     configs: dict[str, str] = field(default_factory=dict)
 
 
-def event_topic_spec(settings: KafkaSettings) -> TopicSpec:
+def event_topic_spec(settings: KafkaSettings, name: str | None = None) -> TopicSpec:
+    """The event topic, or with ``name`` another topic of events (a sink's retry topic)."""
     return TopicSpec(
-        name=settings.topic,
+        name=settings.topic if name is None else name,
         partitions=settings.partitions,
         replication_factor=settings.replication_factor,
         configs={

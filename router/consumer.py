@@ -62,7 +62,7 @@ from router.delivery.sink import (
 from router.events import decode_event, now_ms
 from router.rules.engine import Failed, Routed
 from router.rules.live import LiveRules
-from router.settings import ConsumerSettings, Settings
+from router.settings import Settings
 from router.sink_metrics import SinkMetrics
 
 log = logging.getLogger(__name__)
@@ -140,18 +140,6 @@ class _Scheduled:
     not_before: float = field(default=0.0, compare=False)
 
 
-def dlq_topic(settings: ConsumerSettings, sink: str) -> str:
-    return settings.dlq_topic.format(sink=sink)
-
-
-def retry_topic(settings: ConsumerSettings, sink: str) -> str:
-    return settings.retry_topic.format(sink=sink)
-
-
-def group_id(settings: ConsumerSettings, sink: str) -> str:
-    return f"{settings.group_prefix}{sink}"
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, owner: SinkConsumer) -> None:
         self._owner = owner
@@ -190,8 +178,8 @@ class SinkConsumer:
         self.limiter = RateLimiter(
             limits.rate_per_s, limits.burst, limits.per_key_rate_per_s, limits.per_key_burst
         )
-        self.topics = [settings.kafka.topic, retry_topic(self.cfg, sink.name)]
-        self.dlq_topic = dlq_topic(self.cfg, sink.name)
+        self.topics = [settings.kafka.topic, self.cfg.retry_topic_for(sink.name)]
+        self.dlq_topic = self.cfg.dlq_topic_for(sink.name)
         self.state = HEALTHY
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         # A deque: at batch size 1 thousands of batches can be ready, and list.pop(0) is O(n).
@@ -219,15 +207,7 @@ class SinkConsumer:
         kafka = self.settings.kafka
         specs = [
             event_topic_spec(kafka),
-            TopicSpec(
-                self.topics[1],
-                kafka.partitions,
-                kafka.replication_factor,
-                {
-                    "retention.ms": str(kafka.retention_ms),
-                    "max.message.bytes": str(kafka.max_message_bytes),
-                },
-            ),
+            event_topic_spec(kafka, self.topics[1]),
             # A dead letter carries the event and its rendered payload: room for both.
             TopicSpec(
                 self.dlq_topic,
@@ -245,7 +225,7 @@ class SinkConsumer:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap_servers,
             client_id=f"{kafka.client_id}-{self.sink.name}",
-            group_id=group_id(self.cfg, self.sink.name),
+            group_id=self.cfg.group_for(self.sink.name),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=self.cfg.session_timeout_ms,
@@ -267,7 +247,7 @@ class SinkConsumer:
             "sink %s consuming %s as group %s",
             self.sink.name,
             ", ".join(self.topics),
-            group_id(self.cfg, self.sink.name),
+            self.cfg.group_for(self.sink.name),
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -179,14 +179,6 @@ class Selection:
         )
 
 
-def dlq_topic_name(settings: Settings, sink: str) -> str:
-    return settings.consumer.dlq_topic.format(sink=sink)  # as router.consumer.dlq_topic
-
-
-def retry_topic_name(settings: Settings, sink: str) -> str:
-    return settings.consumer.retry_topic.format(sink=sink)  # as router.consumer.retry_topic
-
-
 async def _bounded(awaitable: Awaitable[T], timeout_s: float, what: str) -> T:
     """Await with a deadline; Kafka errors and timeouts become :class:`DlqToolError`."""
     from aiokafka.errors import KafkaError
@@ -219,7 +211,7 @@ class DeadLetterReader:
     def __init__(self, settings: Settings, sink: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.settings = settings
         self.sink = sink
-        self.topic = dlq_topic_name(settings, sink)
+        self.topic = settings.consumer.dlq_topic_for(sink)
         self.timeout_s = timeout_s
         self.total = 0
         self.topics: set[str] = set()
@@ -577,21 +569,13 @@ class _Producer:
     async def start(self, existing_topics: set[str], timeout_s: float) -> None:
         from aiokafka import AIOKafkaProducer
 
-        from router.bus import TopicSpec, ensure_topics
+        from router.bus import ensure_topics, event_topic_spec
 
         self.timeout_s = timeout_s
         kafka = self.settings.kafka
         if self.target not in existing_topics:
             # The sink's consumer creates it at start; this is for a sink not started since.
-            spec = TopicSpec(
-                self.target,
-                kafka.partitions,
-                kafka.replication_factor,
-                {
-                    "retention.ms": str(kafka.retention_ms),
-                    "max.message.bytes": str(kafka.max_message_bytes),
-                },
-            )
+            spec = event_topic_spec(kafka, self.target)
             await _bounded(ensure_topics(kafka, [spec]), timeout_s, f"creating {self.target}")
         self._producer = AIOKafkaProducer(
             bootstrap_servers=kafka.bootstrap_servers,
@@ -688,7 +672,7 @@ async def replay_letters(
     ``progress``: draw the bar (None: only when ``err`` is a terminal). Skips and failures are
     reported on ``err``, dry-run lines on ``out``; the summary line is the caller's to print.
     """
-    target = retry_topic_name(settings, sink)
+    target = settings.consumer.retry_topic_for(sink)
     result = ReplayResult(target, dry_run=dry_run)
     async with DeadLetterReader(settings, sink, timeout_s) as reader:
         enabled = progress if progress is not None else err.isatty()

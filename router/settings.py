@@ -132,6 +132,15 @@ class ConsumerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     health_host: str = "127.0.0.1"
     health_port: int = 9100
 
+    def group_for(self, sink: str) -> str:
+        return f"{self.group_prefix}{sink}"
+
+    def dlq_topic_for(self, sink: str) -> str:
+        return self.dlq_topic.format(sink=sink)
+
+    def retry_topic_for(self, sink: str) -> str:
+        return self.retry_topic.format(sink=sink)
+
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)

@@ -22,7 +22,6 @@ from aiohttp.test_utils import TestServer
 
 from router import dlq
 from router.cli import build_parser
-from router.consumer import dlq_topic, group_id, retry_topic
 from router.delivery.sink import idempotency_key
 from router.dlq_tools import (
     Selection,
@@ -118,7 +117,7 @@ async def test_lists_real_dead_letters_with_their_reasons_and_filters(
     assert lines[0].split() == ["DLQ", "DEAD", "AT", "REASON", "RULE", "EVENT", "STATUS", "DETAIL"]
     assert len(lines) == 1 + 6 + 1
     assert lines[-1] == (
-        f"6 dead letter(s) (of 6 in {dlq_topic(settings.consumer, 'fake')}): "
+        f"6 dead letter(s) (of 6 in {settings.consumer.dlq_topic_for('fake')}): "
         "invalid_event 1, mapping_error 2, invalid_payload 1, rejected_by_api 2"
     )
     poison_line = next(line for line in lines if tracks[3].id in line)
@@ -198,7 +197,7 @@ async def test_replay_reaches_only_that_sink_with_the_same_idempotency_keys(
         await wait_until_async(lambda: committed_everything(settings, "fake"), 30)
         await wait_until_async(lambda: committed_everything(settings, "fake2"), 30)
         # Committed means the dead letters are on their topic: they are all there.
-        dlq_records = await read_to_end(settings, dlq_topic(settings.consumer, "fake"))
+        dlq_records = await read_to_end(settings, settings.consumer.dlq_topic_for("fake"))
         letters = [dlq.decode(r.value) for r in dlq_records]
         assert {x.event_id for x in letters} == poisoned
         assert first.delivered_event_ids() == everything - poisoned
@@ -216,7 +215,7 @@ async def test_replay_reaches_only_that_sink_with_the_same_idempotency_keys(
             progress=True,
             timeout_s=10,
         )
-        target = retry_topic(settings.consumer, "fake")
+        target = settings.consumer.retry_topic_for("fake")
         assert (result.replayed, result.skipped, result.failed) == (2, 0, 0)
         assert result.summary() == f"replayed 2 event(s) to {target}; skipped 0"
         assert "\r" in err.getvalue()
@@ -224,7 +223,7 @@ async def test_replay_reaches_only_that_sink_with_the_same_idempotency_keys(
 
         await wait_until(lambda: first.delivered_event_ids() == everything, 30, "the replay")
         await wait_until_async(
-            lambda: group_done_with(settings, group_id(settings.consumer, "fake"), target), 30
+            lambda: group_done_with(settings, settings.consumer.group_for("fake"), target), 30
         )
         await asyncio.sleep(0.5)  # a grace period for any stray delivery to show
     finally:
@@ -240,7 +239,9 @@ async def test_replay_reaches_only_that_sink_with_the_same_idempotency_keys(
     # fake2 saw nothing of the replay: not on the event topic, not on its own retry topic.
     assert len(other.ledger) == len(events)
     assert await end_offsets(settings, topic) == event_topic_before
-    assert sum((await end_offsets(settings, retry_topic(settings.consumer, "fake2"))).values()) == 0
+    assert (
+        sum((await end_offsets(settings, settings.consumer.retry_topic_for("fake2"))).values()) == 0
+    )
     # The replayed records: the original value, keyed as on the event topic, with the headers.
     places = {dlq.decode(r.value).event_id: f"{r.partition}:{r.offset}" for r in dlq_records}
     records = await read_to_end(settings, target)
@@ -253,7 +254,7 @@ async def test_replay_reaches_only_that_sink_with_the_same_idempotency_keys(
         assert record.key == originals[event_id].partition_key()
         assert dict(record.headers)["replay_of"] == places[event_id].encode()
     # Delivered this time: no new dead letters.
-    assert len(await read_to_end(settings, dlq_topic(settings.consumer, "fake"))) == 2
+    assert len(await read_to_end(settings, settings.consumer.dlq_topic_for("fake"))) == 2
 
 
 def _synthetic_settings(broker: Broker) -> Settings:
@@ -302,8 +303,8 @@ def _synthetic_letters() -> list[dlq.DeadLetter]:
 
 async def test_dry_run_prints_what_would_be_sent_and_sends_nothing(broker: Broker) -> None:
     settings = _synthetic_settings(broker)
-    await write_letters(settings, dlq_topic(settings.consumer, "fake"), _synthetic_letters())
-    target = retry_topic(settings.consumer, "fake")
+    await write_letters(settings, settings.consumer.dlq_topic_for("fake"), _synthetic_letters())
+    target = settings.consumer.retry_topic_for("fake")
 
     status, stdout, stderr = await _cli(settings, "replay", "--sink", "fake", "--dry-run")
     assert status == 0
@@ -334,8 +335,8 @@ async def test_dry_run_prints_what_would_be_sent_and_sends_nothing(broker: Broke
 
 async def test_since_and_reason_select_what_is_listed_and_replayed(broker: Broker) -> None:
     settings = _synthetic_settings(broker)
-    await write_letters(settings, dlq_topic(settings.consumer, "fake"), _synthetic_letters())
-    target = retry_topic(settings.consumer, "fake")
+    await write_letters(settings, settings.consumer.dlq_topic_for("fake"), _synthetic_letters())
+    target = settings.consumer.retry_topic_for("fake")
 
     async def offsets(*argv: str) -> list[int]:
         status, stdout, _ = await _cli(settings, "list", "--sink", "fake", "--json", *argv)
@@ -386,7 +387,7 @@ async def test_since_and_reason_select_what_is_listed_and_replayed(broker: Broke
 
 async def test_the_router_command_line(broker: Broker) -> None:
     settings = _synthetic_settings(broker)
-    await write_letters(settings, dlq_topic(settings.consumer, "fake"), _synthetic_letters())
+    await write_letters(settings, settings.consumer.dlq_topic_for("fake"), _synthetic_letters())
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")},
         "ROUTER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,

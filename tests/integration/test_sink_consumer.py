@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 import sinks
 from router import dlq
 from router.bus import KafkaBus, TopicSpec, ensure_topics
-from router.consumer import SinkConsumer, dlq_topic, group_id
+from router.consumer import SinkConsumer
 from router.dlq import Redactor
 from router.events import Event, to_record
 from router.rules.live import LiveRules
@@ -184,7 +184,7 @@ async def committed_count(settings: Settings, sink: str) -> int:
     """Events of the event topic below the sink group's committed positions."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=group_id(settings.consumer, sink),
+        group_id=settings.consumer.group_for(sink),
         enable_auto_commit=False,
     )
     await consumer.start()
@@ -201,7 +201,7 @@ async def committed_everything(settings: Settings, sink: str) -> bool:
     """The sink's group has committed the end offset of every partition of the event topic."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=group_id(settings.consumer, sink),
+        group_id=settings.consumer.group_for(sink),
         enable_auto_commit=False,
     )
     await consumer.start()
@@ -221,7 +221,7 @@ async def committed_everything(settings: Settings, sink: str) -> bool:
 async def dead_letters(settings: Settings, sink: str, expected: int) -> list[dlq.DeadLetter]:
     records = await read_topic(
         settings.kafka.bootstrap_servers,
-        dlq_topic(settings.consumer, sink),
+        settings.consumer.dlq_topic_for(sink),
         expected=expected,
         timeout_s=15,
     )
@@ -319,7 +319,7 @@ async def test_transient_faults_are_retried_until_delivered(
     assert len(set(keys)) == len(events)
     assert running.consumer.metrics.retried._value.get() >= 6  # type: ignore[attr-defined]
     letters = await read_topic(
-        broker.bootstrap, dlq_topic(settings.consumer, "fake"), expected=0, timeout_s=2
+        broker.bootstrap, settings.consumer.dlq_topic_for("fake"), expected=0, timeout_s=2
     )
     assert letters == []
 
@@ -380,7 +380,7 @@ async def test_unauthorized_pauses_without_dead_letters_then_resumes(
         await running.close()
     assert "paused" in states
     letters = await read_topic(
-        broker.bootstrap, dlq_topic(settings.consumer, "fake"), expected=0, timeout_s=2
+        broker.bootstrap, settings.consumer.dlq_topic_for("fake"), expected=0, timeout_s=2
     )
     assert letters == []
 
@@ -484,7 +484,7 @@ async def test_tombstones_and_oversized_dead_letters_do_not_stall(
     # An existing DLQ topic with a small limit (the consumer leaves existing topics as they are).
     await ensure_topics(
         settings.kafka,
-        [TopicSpec(dlq_topic(settings.consumer, "fake"), 3, 1, {"max.message.bytes": "100000"})],
+        [TopicSpec(settings.consumer.dlq_topic_for("fake"), 3, 1, {"max.message.bytes": "100000"})],
     )
     huge = track_event(1)
     huge.properties["blob"] = "x" * 200_000  # too large for the fake sink and for the DLQ
