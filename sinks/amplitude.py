@@ -331,19 +331,22 @@ class AmplitudeSink:
             return Split(self._detail(response))
         if status in (401, 403) or (status == 400 and error.startswith("Invalid API key")):
             return Pause(self._detail(response))
-        if 300 <= status < 400 or status == 404 or error == "Invalid request path":
+        hint = f"check sinks.amplitude.endpoint: {self.url}"
+        if error == "Invalid request path":
             # A wrong endpoint setting: no event is at fault, so nothing is dead-lettered.
-            return Pause(f"{self._detail(response)} (check sinks.amplitude.endpoint: {self.url})")
+            return Pause(f"{self._detail(response)} ({hint})")
         count = len(request.items)
         if status == 400:
             return self._classify_400(answer, count, response)
         if status == 429:
             return self._classify_429(request, answer, count, response)
-        outcome = classify_by_status(response)
+        outcome = classify_by_status(response, endpoint_hint=hint)  # 3xx, 404: as above
         if isinstance(outcome, Retry):
             return Retry(self._scrub(outcome.reason), outcome.after_s)
         if isinstance(outcome, Reject):
             return Reject(self._scrub(outcome.reason))
+        if isinstance(outcome, Pause):
+            return Pause(self._scrub(outcome.reason))
         return outcome
 
     def _classify_400(

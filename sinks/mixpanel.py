@@ -366,7 +366,10 @@ class MixpanelSink:
         if status in (429, 502, 503):
             after = parse_retry_after(response.headers.get("retry-after"))
             return Retry(detail, max(after or 0.0, MIN_BACKOFF_S))
-        return classify_by_status(response)
+        # 3xx and 404: the endpoint setting is wrong (no event is at fault): pause, as every sink.
+        return classify_by_status(
+            response, endpoint_hint=f"check sinks.mixpanel.endpoint: {self.endpoint}"
+        )
 
     def health_request(self) -> HttpRequest | None:
         """No probe: Mixpanel's ingestion API has no request that checks credentials for free.
