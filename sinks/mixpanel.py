@@ -18,7 +18,8 @@ shared/contracts/sinks.md section 2a (the /import API) and 7b (the mixpanel libr
 - **classify**: 200 delivered; 400 with ``failed_records`` is a partial success (the listed
   records are dead-lettered with Mixpanel's message, the rest were ingested and count as
   delivered, nothing is sent again); any other 400 rejects the request; 413 splits it; 401/403
-  pause the sink; 429, 502 and 503 back off (at least 2 s, Mixpanel's advice) and other 5xx retry.
+  pause the sink, and so do 3xx and 404 (a wrong endpoint setting); 429, 502 and 503 back off
+  (at least 2 s, Mixpanel's advice) and other 5xx retry.
 
 Settings (``sinks.mixpanel``)::
 
