@@ -91,6 +91,7 @@ MS_THRESHOLD: Final = 100_000_000_000
 # 9999-12-31T23:59:59.999Z in ms: the last instant a datetime holds. Larger values are refused
 # with a schema error rather than overflowing into a 500.
 _MAX_MS: Final = 253_402_300_799_999
+_MIN_MS: Final = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 
@@ -262,7 +263,10 @@ def rule_time_ms(value: Any, field: str) -> int:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"{field}: {value!r} is not a time")
-        return math.floor(value if value >= MS_THRESHOLD else value * 1000)
+        ms = value if value >= MS_THRESHOLD else value * 1000
+        if not _MIN_MS <= ms <= _MAX_MS:  # also -1e306 s, whose ms are -inf
+            raise ValueError(f"{field}: {value!r} is out of the date-time range")
+        return math.floor(ms)
     return datetime_ms(rule_datetime(value, field))
 
 

@@ -56,6 +56,7 @@ from router.delivery.sink import (
     Split,
     classify_by_status,
     excerpt,
+    json_answer,
     optional_secret,
     sink_settings,
 )
@@ -196,8 +197,6 @@ BATCH_LIMITS = SinkLimits(
     concurrency=4,
 )
 
-_LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-
 
 class AmplitudeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``sinks.amplitude`` in the router config."""
@@ -210,18 +209,15 @@ class AmplitudeSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
 
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder()
 
 
 def _time_ms(value: Any, default: int) -> int:
     """Amplitude's ``time``: integer milliseconds since the epoch (any other form is a 400)."""
     if value is None:
         return default
-    ms = rule_time_ms(value, "time")
+    ms = rule_time_ms(value, "time")  # refuses times past the year 9999 too
     if ms < 0:
         raise ValueError(f"time: {value!r} is before 1970")
-    if ms > _LATEST_MS:
-        raise ValueError(f"time: {value!r} is past the year 9999")
     return ms
 
 
@@ -422,8 +418,8 @@ def throttle_groups(
     """
     count = len(request.items)
     throttled = tuple(sorted({i for i in _indexes(answer.get("throttled_events")) if i < count}))
-    users = answer.get("exceeded_daily_quota_users") or {}
-    devices = answer.get("exceeded_daily_quota_devices") or {}
+    users = _id_set(answer.get("exceeded_daily_quota_users"))
+    devices = _id_set(answer.get("exceeded_daily_quota_devices"))
     if not throttled or not (users or devices):
         return throttled, ()
     events = _json_object(request.body).get("events")
@@ -443,11 +439,15 @@ def throttle_groups(
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = _decoder.decode(body)
-    except msgspec.DecodeError:
-        return {}
+    value = json_answer(body)
     return value if isinstance(value, dict) else {}
+
+
+def _id_set(value: Any) -> frozenset[str]:
+    """The ids of a 429's ``exceeded_daily_quota_*`` map (a list is read too; else none)."""
+    if isinstance(value, dict | list):
+        return frozenset(v for v in value if isinstance(v, str))
+    return frozenset()
 
 
 def _indexes(value: Any) -> Iterable[int]:

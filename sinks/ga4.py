@@ -73,6 +73,7 @@ from router.delivery.sink import (
     classify_by_status,
     endpoint_url,
     excerpt,
+    json_answer,
     optional_secret,
     sink_settings,
 )
@@ -637,16 +638,15 @@ def _size(head: bytes, events: list[bytes]) -> int:
     return len(head) + sum(len(e) for e in events) + max(len(events) - 1, 0) + 2
 
 
-_EVENT_AT = re.compile(r"Event at index: \[(\d+)\]")
+# At most 25 events per request: a longer number names none of them (and int() of thousands of
+# digits raises).
+_EVENT_AT = re.compile(r"Event at index: \[(\d{1,6})\]")
 
 
 def _classify_validation(request: HttpRequest, response: HttpResponse) -> Outcome:
-    try:
-        answer = json.loads(response.body)
-        messages = answer["validationMessages"]
-        if not isinstance(messages, list):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
+    answer = json_answer(response.body)
+    messages = answer.get("validationMessages") if isinstance(answer, dict) else None
+    if not isinstance(messages, list):
         return Reject(f"debug endpoint: no validationMessages in {excerpt(response.body, 200)}")
     if not messages:
         return Delivered()

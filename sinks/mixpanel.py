@@ -60,6 +60,7 @@ from router.delivery.sink import (
     Split,
     classify_by_status,
     excerpt,
+    json_answer,
     json_items,
     sink_settings,
 )
@@ -433,10 +434,7 @@ def failed_records(body: bytes, count: int) -> dict[int, str]:
 
     Indexes outside the request are ignored (an empty result rejects the whole request).
     """
-    try:
-        answer = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return {}
+    answer = json_answer(body)
     records = answer.get("failed_records") if isinstance(answer, dict) else None
     if not isinstance(records, list):
         return {}

@@ -132,6 +132,16 @@ def _normalise_endpoint(endpoint: str) -> str:
     )
 
 
+def _object(payload: dict[str, Any], field: str) -> dict[str, Any]:
+    """A copy of an optional object field of the payload; ValueError if it is not an object."""
+    value = payload.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{field}: expected an object, got {type(value).__name__}")
+    return dict(value)
+
+
 def _event_time(value: Any, event: Event) -> datetime:
     """The message time: the rule's ``timestamp`` if it maps one, else the event time."""
     if value is None:
@@ -188,8 +198,8 @@ class SegmentSink:
             "user_id": payload.get("userId"),
             "anonymous_id": payload.get("anonymousId"),
             # Copies: the library writes context.library into the dict it is given.
-            "context": dict(payload.get("context") or {}),
-            "integrations": dict(payload.get("integrations") or {}),
+            "context": _object(payload, "context"),
+            "integrations": _object(payload, "integrations"),
             "timestamp": _event_time(payload.get("timestamp"), event),
             "message_id": idempotency_key,
         }
@@ -207,6 +217,10 @@ class SegmentSink:
         try:
             try:
                 _, message = call(**common, **args)
+            except RecursionError:
+                # The library's clean() recurses; RecursionError is a RuntimeError too, so it
+                # must not reach the "over 32 KB" branch below.
+                raise ValueError(f"{big_field} nested too deeply to encode") from None
             except RuntimeError:
                 # Over the library's 32 KB: build it without the free-form object, put that back
                 # as the library would have (clean()), and let the delivery layer dead-letter it
@@ -230,7 +244,7 @@ class SegmentSink:
             # allow_nan=False: NaN/Infinity are not JSON, and Segment refuses a whole request
             # (400) for one message it cannot parse; here only this output is dead-lettered.
             body = json.dumps(message, cls=self._json_encoder, allow_nan=False)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ValueError(f"not encodable as JSON: {exc}") from None
         return Prepared(body.encode())
 

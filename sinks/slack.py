@@ -55,6 +55,7 @@ from router.delivery.sink import (
     Retry,
     SinkLimits,
     excerpt,
+    json_answer,
     optional_secret,
     sink_settings,
 )
@@ -434,10 +435,7 @@ class SlackSink:
             return Pause(f"{detail} (check sinks.slack.endpoint: {self.endpoint})")
         if status != 200:
             return Reject(detail) if 400 <= status < 500 else Pause(detail)
-        try:
-            answer = json.loads(response.body)
-        except ValueError:
-            answer = None
+        answer = json_answer(response.body)
         if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
             return Pause(f"{detail} (not a Slack Web API answer: check sinks.slack.endpoint)")
         if answer["ok"]:

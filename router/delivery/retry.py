@@ -49,7 +49,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
+    # isascii: str.isdigit() is also true for "²", which float() refuses.
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         seconds = float(text)

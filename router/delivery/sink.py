@@ -200,6 +200,21 @@ def excerpt(body: bytes, limit: int = 512) -> str:
     return text + ("…" if len(body) > limit else "")
 
 
+_answer_decoder = msgspec.json.Decoder()
+
+
+def json_answer(body: bytes) -> Any:
+    """A response body as JSON, or None when it is not JSON a classify can read.
+
+    Bodies come from the network: anything at all, including JSON nested deeper than the
+    decoder's recursion allows (RecursionError, which is not a DecodeError).
+    """
+    try:
+        return _answer_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 def classify_by_status(response: HttpResponse, endpoint_hint: str | None = None) -> Outcome:
     """The shared retry table, for sinks whose API says nothing finer.
 

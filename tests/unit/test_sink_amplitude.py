@@ -213,7 +213,7 @@ def test_time_is_integer_milliseconds(value: Any, expected: int) -> None:
         ({"time": True}, "time"),
         ({"time": -5}, "time"),
         ({"time": float("nan")}, "time"),
-        ({"time": 10**30}, "time: .* past the year 9999"),
+        ({"time": 10**30}, "time: .* out of the date-time range"),
         ({"time": "yesterday"}, "time: 'yesterday'"),
         ({"time": "1969-12-31T00:00:00Z"}, "before 1970"),
     ],
