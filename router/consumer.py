@@ -584,7 +584,20 @@ class SinkConsumer:
         self.metrics.request_seconds.labels(str(result.status)).observe(
             time.perf_counter() - started
         )
-        return self.sink.classify(request, result), result.status, result.body
+        return self._classify(request, result), result.status, result.body
+
+    def _classify(self, request: HttpRequest, response: HttpResponse) -> Outcome:
+        """The sink's verdict; a sink that raises on an odd answer gets its batch retried.
+
+        Retrying is the choice that loses nothing: the request may have been applied (any
+        2xx), and the idempotency keys make a second send harmless where the API dedups.
+        """
+        try:
+            return self.sink.classify(request, response)
+        except Exception as exc:
+            if self._log_throttle.allow("classify_error")[0]:
+                log.exception("sink %s: classify failed (a bug in the sink)", self.sink.name)
+            return Retry(f"HTTP {response.status}: {self.sink.name} could not read it: {exc!r}")
 
     async def _request(self, request: HttpRequest) -> HttpResponse:
         """The one place the consumer does HTTP: the sink's request, the answer for classify."""
@@ -613,7 +626,7 @@ class SinkConsumer:
             return self.health
         try:
             result = await self._request(request)
-            outcome = self.sink.classify(request, result)
+            outcome = self._classify(request, result)
             if isinstance(outcome, Delivered):
                 self.health = "passed"
             else:
