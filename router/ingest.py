@@ -146,7 +146,8 @@ async def track_handler(request: web.Request) -> web.Response:
     key = request.headers.get(INTEGRATION_KEY_HEADER)
     if key is None:
         raise _unauthorized(f"Missing {INTEGRATION_KEY_HEADER} header", "key_missing")
-    if not _key_matches(state.integration_keys, key.encode()):
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way.
+    if not _key_matches(state.integration_keys, key.encode("utf-8", "surrogateescape")):
         raise _unauthorized(f"Unknown {INTEGRATION_KEY_HEADER}", "key_mismatch")
     _require_json(request)
     body = await _read_body(request)

@@ -457,3 +457,117 @@ def test_app_factory_uses_app_keys() -> None:
     app = create_app(settings(), MemoryBus())
     assert isinstance(app, web.Application)
     assert msgspec.json.decode(msgspec.json.encode({"ok": True})) == {"ok": True}
+
+
+# ---- bytes and numbers the decoders cannot read back (found by fuzzing; each was a 500 or a 200) --
+
+_TRACK_ONE = (
+    b'{"type":"track","event":"e","visitorId":"v","timestamp":1,"context":%s,"properties":%s}'
+)
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("webhook", b'{"event":"guideSeen","timestamp":1,"uniqueId":"\xff"}'),
+        (
+            "webhook",
+            b'{"event_type":"guide.viewed","timestamp":"2024-01-01T00:00:00Z","data":{"x":"\xff"}}',
+        ),
+        ("track", _TRACK_ONE % (b"{}", b'{"name":"caf\xe9"}')),  # Latin-1, inside a map kept raw
+        ("track", b"[" + _TRACK_ONE % (b'{"x":"\xff"}', b"{}") + b"]"),
+    ],
+)
+async def test_bytes_that_are_not_utf8_are_malformed_json(
+    client: TestClient[Any, Any], bus: MemoryBus, route: str, body: bytes
+) -> None:
+    if route == "webhook":
+        response = await client.post("/webhooks/pendo", data=body, headers=signed(body))
+    else:
+        response = await client.post("/data/track", data=body, headers=track_headers())
+    error = await error_of(response, 400, "malformed_json")
+    assert "UTF-8" in error["message"]
+    assert bus.records == []
+
+
+@pytest.mark.parametrize(
+    ("properties", "path"),
+    [
+        (b'{"n":' + b"1" * 4301 + b"}", "$.properties"),  # an int msgspec will not hold
+        (b'{"x":1e400}', "$.properties"),  # a float past 1.8e308
+        (b'{"x":[1E+309]}', "$.properties"),
+        (b'{"x":' + b"9" * 320 + b".5}", "$.properties"),
+    ],
+)
+async def test_numbers_no_consumer_could_read_are_refused(
+    aiohttp_client: ClientFactory, bus: MemoryBus, properties: bytes, path: str
+) -> None:
+    client = await aiohttp_client(create_app(settings(max_body_bytes="65536"), bus))
+    body = b"[" + _TRACK_ONE % (b"{}", properties) + b"]"
+    response = await client.post("/data/track", data=body, headers=track_headers())
+    error = await error_of(response, 422, "invalid_event")
+    assert error["path"].startswith("$[0].properties") or error["path"].startswith(path)
+    assert bus.records == []
+
+
+async def test_numbers_that_only_look_big_are_accepted(
+    client: TestClient[Any, Any], bus: MemoryBus
+) -> None:
+    # "file123" and 1e30 pass the cheap pre-check's over-approximation, then the full decode.
+    body = _TRACK_ONE % (b'{"f":"file123"}', b'{"big":1e30,"n":' + b"7" * 300 + b"}")
+    response = await client.post("/data/track", data=body, headers=track_headers())
+    assert response.status == 200, await response.text()
+    (record,) = bus.records
+    assert decode_event(record.value).properties["big"] == 1e30
+
+
+@pytest.mark.parametrize("route", ["webhook", "track"])
+async def test_json_nested_too_deeply_is_refused_not_a_500(
+    client: TestClient[Any, Any], bus: MemoryBus, route: str
+) -> None:
+    deep = b"[" * 2000 + b"]" * 2000
+    if route == "webhook":
+        body = b'{"event":"guideSeen","timestamp":1,"properties":{"a":' + deep + b"}}"
+        response = await client.post("/webhooks/pendo", data=body, headers=signed(body))
+    else:
+        body = b"[" + _TRACK_ONE % (b"{}", b'{"a":' + deep + b"}") + b"]"
+        response = await client.post("/data/track", data=body, headers=track_headers())
+    error = await error_of(response, 422, "invalid_event")
+    assert "nested too deeply" in error["message"]
+    assert bus.records == []
+
+
+@pytest.mark.parametrize("value", [b"[]", b"0", b"false", b'""'])
+async def test_event_properties_that_are_not_objects_are_refused_even_when_falsy(
+    client: TestClient[Any, Any], bus: MemoryBus, value: bytes
+) -> None:
+    body = (
+        b'{"event":"trackEventReceived","timestamp":1,"properties":{"name":"x","eventProperties":%s}}'
+        % value
+    )
+    response = await client.post("/webhooks/pendo", data=body, headers=signed(body))
+    error = await error_of(response, 422, "invalid_event")
+    assert error["path"] == "$.properties.eventProperties"
+    dotted = (
+        b'{"event_type":"track.event","timestamp":"2024-01-01T00:00:00Z","data":{"event":"n","properties":%s}}'
+        % value
+    )
+    response = await client.post("/webhooks/pendo", data=dotted, headers=signed(dotted))
+    error = await error_of(response, 422, "invalid_event")
+    assert error["path"] == "$.data.properties"
+    assert bus.records == []
+
+
+async def test_an_integration_key_that_is_not_utf8_is_unauthorized(
+    client: TestClient[Any, Any],
+) -> None:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /data/track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"x-pendo-integration-key: \xff\xfe\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'"error":"unauthorized"' in answer
