@@ -163,11 +163,19 @@ def content_hash(parts: Sequence[bytes]) -> str:
 _raw_decoder = msgspec.json.Decoder()
 
 
+def _raw_json(event: Event) -> Any:
+    """The raw payload decoded; MISSING (nothing there) when it cannot be read back."""
+    try:
+        return _raw_decoder.decode(event.raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return MISSING
+
+
 def _walk(value: Any, keys: Sequence[str]) -> Any:
     for key in keys:
         if type(value) is dict:
             value = value.get(key, MISSING)
-        elif type(value) is list and key.isdigit():
+        elif type(value) is list and key.isascii() and key.isdigit():  # "²".isdigit() too
             index = int(key)
             value = value[index] if index < len(value) else MISSING
         else:
@@ -237,7 +245,7 @@ def compile_path(
     get: Getter
     if head == "raw":
         # The raw payload is kept as bytes; decode it only for rules that ask for it.
-        get = lambda event: _walk(_raw_decoder.decode(event.raw), rest)  # noqa: E731
+        get = lambda event: _walk(_raw_json(event), rest)  # noqa: E731
     else:
         get = lambda event: _walk(getattr(event, head), rest)  # noqa: E731
     if deny:
@@ -390,8 +398,10 @@ def _compile_test(
     assert op == "matches"
     try:
         pattern = re.compile(operand)
-    except re.error as exc:
-        problems.append(Problem(where, f"invalid regular expression {operand!r}: {exc}"))
+    # OverflowError for "a{4294967296}", RecursionError for thousands of nested groups.
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        shown = operand if len(operand) <= 80 else operand[:80] + "..."
+        problems.append(Problem(where, f"invalid regular expression {shown!r}: {exc}"))
         return lambda event: False
     return lambda event: isinstance(v := get(event), str) and pattern.search(v) is not None
 
@@ -417,11 +427,10 @@ def _member(value: Any, members: frozenset[Any], flags: frozenset[bool]) -> bool
 def _contains(value: Any, operand: Any) -> bool:
     if isinstance(value, str):
         return isinstance(operand, str) and operand in value
-    if isinstance(value, (list, dict)):
-        try:
-            return operand in value
-        except TypeError:
-            return False
+    if isinstance(value, list):
+        return any(_same(item, operand) for item in value)  # as eq: true is not 1
+    if isinstance(value, dict):
+        return isinstance(operand, str) and operand in value
     return False
 
 
@@ -803,7 +812,7 @@ def compile_directive(
 
 
 def _transform_name(spec: Any) -> str:
-    return spec if isinstance(spec, str) else next(iter(spec))
+    return spec if isinstance(spec, str) else next(iter(spec), "")  # {} is reported elsewhere
 
 
 def _need_map(name: str, value: Any) -> dict[str, Any]:

@@ -96,8 +96,13 @@ class LiveRules:
         old = self.current
         try:
             new = verify(load_rules(self.path))
-        except RulesError as exc:
-            log.error("rules for %s not reloaded, still using %s: %s", self.sink, old.hash, exc)
+        except Exception as exc:
+            # RulesError is the expected refusal; anything else is a bug in checking, which
+            # must not take the serving set (or the watcher) down with it.
+            if isinstance(exc, RulesError):
+                log.error("rules for %s not reloaded, still using %s: %s", self.sink, old.hash, exc)
+            else:
+                log.exception("rules for %s not reloaded, still using %s", self.sink, old.hash)
             if self._metrics is not None:
                 self._metrics.reloads.labels(self.sink, "refused").inc()
             return False

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 import yaml
@@ -90,6 +90,46 @@ def line_of(root: yaml.Node | None, path: str) -> int | None:
         else:
             return line
     return line
+
+
+#: What a file may expand to through its aliases (*name): far beyond any rule file, far below
+#: what hangs the checks ("billion laughs": nine aliases of nine aliases... in 500 bytes).
+MAX_EXPANDED_NODES: Final = 200_000
+
+
+def _alias_problem(root: yaml.Node | None) -> str | None:
+    """Why the aliases of this node tree cannot be expanded (a cycle, or too many nodes)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _AliasCycle
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        open_nodes.discard(key)
+        sizes[key] = total = min(total, MAX_EXPANDED_NODES + 1)
+        return total
+
+    if root is None:
+        return None
+    try:
+        if size(root) > MAX_EXPANDED_NODES:
+            return f"aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values"
+    except _AliasCycle:
+        return "an alias (*name) refers to a value that contains it"
+    return None
+
+
+class _AliasCycle(Exception):
+    pass
 
 
 def _duplicate_keys(node: yaml.Node | None, path: str = "$") -> list[tuple[str, int, str]]:
@@ -186,15 +226,23 @@ def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> _Read:
     try:
         root = loader.get_single_node()
         data = loader.construct_document(root) if root is not None else None
+        alias_problem = _alias_problem(root)
+        if alias_problem is not None:
+            problems.append(FileProblem(label, None, "$", alias_problem))
+            return _Read(raw, None, None)
+        duplicates = _duplicate_keys(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         reason = getattr(exc, "problem", None) or str(exc)
         problems.append(FileProblem(label, line, "$", f"not valid YAML: {reason}"))
         return _Read(raw, None, None)
+    except RecursionError:  # the parser and the walks recurse; rule files are never this deep
+        problems.append(FileProblem(label, None, "$", "not valid YAML: nested too deeply"))
+        return _Read(raw, None, None)
     finally:
         loader.dispose()
-    for dup_path, line, reason in _duplicate_keys(root):
+    for dup_path, line, reason in duplicates:
         problems.append(FileProblem(label, line, dup_path, reason))
     return _Read(raw, data, root)
 

@@ -311,3 +311,51 @@ tests:
 """
     code, out = rule_tests(write(tmp_path, "slack.yaml", text))
     assert code == 0, out
+
+
+# ---- files that once crashed the check with a traceback (found by fuzzing) --------------------
+
+_RULE = """\
+sink: slack
+rules:
+  - id: r1
+    when: {path: name, matches: %s}
+    map:
+      text: {path: visitor_id%s}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (_RULE % ('"a{4294967296}"', ""), "invalid regular expression 'a{4294967296}'"),
+        (_RULE % ('"' + "(" * 2000 + ")" * 2000 + '"', ""), "invalid regular expression '(((("),
+        (_RULE % ("x", ", transform: [{}]"), "unknown transform {}"),
+        (
+            "sink: slack\nrules: &r [{id: r1, map: {text: {const: x}}, description: *r}]\n",
+            "refers to a value that contains it",
+        ),
+        ("sink: slack\nrules: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    ],
+    ids=["regex-overflow", "regex-recursion", "empty-transform", "alias-cycle", "deep-yaml"],
+)
+def test_files_that_crashed_the_check_are_problems(tmp_path: Path, text: str, problem: str) -> None:
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert any(problem in line for line in lines), lines
+
+
+def test_aliases_that_fan_out_are_refused_quickly(tmp_path: Path) -> None:
+    # "Billion laughs": 9 ** 8 values from ~500 bytes; walking them hung the check.
+    lines = ["sink: slack", "x0: &x0 [" + ", ".join("a" * 9) + "]"]
+    lines += [f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    lines += ["rules: [{id: r1, map: {text: {const: x}}}]"]
+    code, out = check(write(tmp_path, "slack.yaml", "\n".join(lines) + "\n"))
+    assert code == 1
+    assert any("aliases (*name) expand to more than 200,000 values" in line for line in out), out
+
+
+def test_aliases_within_bounds_still_work() -> None:
+    shipped = ROOT / "rules" / "slack.yaml"
+    assert shipped.read_text().count("*who") == 2  # its rules share blocks through aliases
+    assert check(shipped)[0] == 0

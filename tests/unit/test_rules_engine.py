@@ -495,3 +495,36 @@ def test_a_brace_anywhere_in_a_template_is_reported() -> None:
         "sink: slack\nrules:\n  - id: r\n    map:\n      text: {template: 'Score} {visitor_id}'}\n"
     )
     assert any("unbalanced brace" in m for _, m in found)
+
+
+def test_a_path_step_of_non_ascii_digits_is_a_key_not_an_index() -> None:
+    # "²".isdigit() is true and int("²") raises: evaluate raised on such a path.
+    ev = event(properties={"items": [1, 2, 3], "score": 3})
+    assert matches("{path: properties.items.², exists: true}", ev) is False
+    assert matches("{path: properties.items.1, eq: 2}", ev) is True
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"context":{"x":"\xff"},"context":{}}', b'{"n":' + b"1" * 4301 + b"}", b"[" * 3000]
+)
+def test_a_raw_payload_that_cannot_be_read_back_is_missing_not_an_exception(raw: bytes) -> None:
+    ev = event(raw=msgspec.Raw(raw))
+    assert matches("{path: raw.context.x, exists: false}", ev) is True
+    failed = slack_rule(text="{raw.context.x}", extra="").evaluate(ev)
+    assert [type(o) for o in failed] == [Failed]
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        ("{path: properties.flags, contains: 1}", False),  # a boolean only equals a boolean
+        ("{path: properties.flags, contains: true}", True),
+        ("{path: properties.numbers, contains: 1}", True),
+        ("{path: properties.numbers, contains: true}", False),
+        ("{path: properties.flag, eq: 1}", False),
+        ("{path: properties.flag, in: [1]}", False),
+    ],
+)
+def test_booleans_and_numbers_never_equal_one_another(when: str, expected: bool) -> None:
+    ev = event(properties={"flag": True, "flags": [True], "numbers": [1.0, 2]})
+    assert matches(when, ev) is expected

@@ -167,3 +167,23 @@ async def test_sighup_reloads(rules_file: Path) -> None:
         loop.remove_signal_handler(signal.SIGHUP)
         stop.set()
         await asyncio.wait_for(watcher, 5)
+
+
+def test_an_unexpected_error_while_checking_keeps_the_old_set(
+    rules_file: Path,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    live = LiveRules(rules_file, RulesMetrics(registry))
+    before = live.current
+
+    def broken_check(path: Path) -> None:
+        raise OverflowError("a bug in checking")
+
+    monkeypatch.setattr("router.rules.live.load_rules", broken_check)
+    write(rules_file, V2)
+    assert live.reload() is False
+    assert live.current is before
+    assert metric(registry, "router_rules_reloads_total", sink="slack", result="refused") == 1
+    assert "OverflowError: a bug in checking" in caplog.text
