@@ -377,7 +377,25 @@ class SinkConsumer:
             self._finish_ticket(ticket)
             return
         ruleset = self.rules.current
-        outputs = ruleset.evaluate(event)
+        try:
+            outputs = ruleset.evaluate(event)
+        except Exception as exc:
+            # evaluate turns a rule's failure into a Failed output; reaching here is an engine
+            # bug meeting an odd event, which must not stop the consumer on this record.
+            if self._log_throttle.allow("rules_error")[0]:
+                log.exception("sink %s: rules raised (a bug in the engine)", self.sink.name)
+            await self._dead_letter(
+                dlq.MAPPING_ERROR,
+                f"the rules could not be evaluated: {exc!r}",
+                ticket=ticket,
+                tp=tp,
+                value=value,
+                key=event.id.encode(),
+                event_id=event.id,
+                ruleset=ruleset.hash,
+            )
+            self._finish_ticket(ticket)
+            return
         routed = [o for o in outputs if isinstance(o, Routed)]
         for failure in (o for o in outputs if isinstance(o, Failed)):
             self.metrics.rule(failure.rule_id).failed.inc()

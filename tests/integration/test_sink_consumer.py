@@ -25,6 +25,7 @@ from router.bus import KafkaBus, TopicSpec, ensure_topics
 from router.consumer import SinkConsumer
 from router.dlq import Redactor
 from router.events import Event, to_record
+from router.rules.engine import RuleSet
 from router.rules.live import LiveRules
 from router.settings import Settings
 from router.sink_metrics import SinkMetrics
@@ -233,17 +234,29 @@ async def test_delivers_filters_and_dead_letters_every_reason(
     server: tuple[Destination, str],
     rules_dir: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     destination, url = server
     topic = unique_topic()
     settings = rig_settings(broker, topic, rules_dir, url)
+    evaluate = RuleSet.evaluate
+
+    def engine_with_a_bug(self: RuleSet, event: Event) -> Any:
+        if event.name == "engine-bug":
+            raise KeyError("an engine bug meeting an odd event")
+        return evaluate(self, event)
+
+    monkeypatch.setattr(RuleSet, "evaluate", engine_with_a_bug)
     tracks = [track_event(i) for i in range(300)]
     filtered = [track_event(1000 + i, type_="guide.viewed") for i in range(20)]
     broken = [track_event(2000 + i, name="broken") for i in range(5)]
     unencodable = [track_event(3000 + i, name="unencodable") for i in range(3)]
     crashing = [track_event(4000 + i, name="crashing") for i in range(2)]
+    engine_bug = [track_event(5000 + i, name="engine-bug") for i in range(2)]
     await publish(
-        settings, tracks + filtered + broken + unencodable + crashing, garbage=[b"not json"]
+        settings,
+        tracks + filtered + broken + unencodable + crashing + engine_bug,
+        garbage=[b"not json"],
     )
 
     running = await start_consumer(settings)
@@ -257,22 +270,24 @@ async def test_delivers_filters_and_dead_letters_every_reason(
     assert destination.delivered_event_ids() == expected
     assert len(destination.ledger) == len(expected)  # no duplicates in a clean run
     assert destination.authorizations == {f"Bearer {TOKEN}"}
-    letters = await dead_letters(settings, "fake", expected=11)
+    letters = await dead_letters(settings, "fake", expected=13)
     reasons: dict[str, set[str | None]] = {}
     for letter in letters:
         reasons.setdefault(letter.reason, set()).add(letter.event_id)
     assert reasons == {
-        "mapping_error": {e.id for e in broken},
+        "mapping_error": {e.id for e in broken + engine_bug},
         "invalid_payload": {e.id for e in unencodable + crashing},
         "invalid_event": {None},
     }
     crashed = next(x for x in letters if x.event_id == crashing[0].id)
     assert crashed.detail.startswith("fake could not encode it: TypeError(")
-    mapping = next(x for x in letters if x.reason == "mapping_error")
+    bug = next(x for x in letters if x.event_id == engine_bug[0].id)
+    assert bug.detail.startswith("the rules could not be evaluated: KeyError(")
+    mapping = next(x for x in letters if x.event_id == broken[0].id)
     assert mapping.rule_id == "broken"
     assert mapping.detail == "name: required value missing (path properties.absent)"
     assert mapping.ruleset == running.consumer.rules.current.hash
-    assert msgspec.json.decode(bytes(mapping.event))["id"] in reasons["mapping_error"]  # type: ignore[arg-type]
+    assert msgspec.json.decode(bytes(mapping.event))["id"] == broken[0].id  # type: ignore[arg-type]
     garbage = next(x for x in letters if x.reason == "invalid_event")
     assert dlq.original_value(garbage) == b"not json"
     for letter in letters:
