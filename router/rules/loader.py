@@ -171,12 +171,16 @@ def _locate(data: Any, exc: msgspec.ValidationError, prefix: str = "$") -> tuple
         if not isinstance(container, dict):
             break
         for key, value in container.items():
+            # Most maps in a rule file hold directives (map, fields). Others (expect_errors,
+            # case) do not: a key is named only when its value fails the same way, otherwise
+            # the path keeps [...] rather than blame the wrong key.
             try:
                 msgspec.convert(value, Directive)
             except msgspec.ValidationError as inner:
                 inner_message, inner_path = validation_error_parts(inner)
-                message, path = inner_message, f"{prefix}.{key}{inner_path[1:]}"
-                break
+                if inner_message == message:
+                    path = f"{prefix}.{key}{inner_path[1:]}"
+                    break
         else:
             break
     return message, path

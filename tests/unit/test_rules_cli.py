@@ -359,3 +359,12 @@ def test_aliases_within_bounds_still_work() -> None:
     shipped = ROOT / "rules" / "slack.yaml"
     assert shipped.read_text().count("*who") == 2  # its rules share blocks through aliases
     assert check(shipped)[0] == 0
+
+
+def test_a_bad_value_in_a_map_of_text_does_not_blame_another_key(tmp_path: Path) -> None:
+    text = GOOD + "  - name: errors\n    event: {type: nps.response}\n"
+    text += "    expect_errors: {detractors: required value missing, other: 5}\n"
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert any("expect_errors[...]: Expected str, got int" in line for line in lines), lines
+    assert not any("expect_errors.detractors" in line for line in lines), lines
