@@ -69,7 +69,13 @@ class RateLimiter:
         return bucket
 
     def _forget(self, now: float) -> None:
-        stale = [k for k, b in self._keys.items() if now - b.updated > self._idle_forget_s]
+        # Only buckets full again: a forgotten bucket comes back full, so one still under a
+        # hold (a Retry-After of an hour) must be kept.
+        stale = [
+            k
+            for k, b in self._keys.items()
+            if now - b.updated > self._idle_forget_s and b.wait_time(now, b.burst) == 0.0
+        ]
         for key in stale:
             del self._keys[key]
 

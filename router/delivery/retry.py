@@ -81,7 +81,9 @@ class RetryPolicy:
         self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None
     ) -> float:
         """Seconds before attempt number ``attempt + 1`` (``attempt`` >= 1 failed so far)."""
-        ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        # The exponent is capped first: 2 ** 1024 is past a float (attempts reach that when a
+        # poison request is re-sent after every success).
+        ceiling = min(self.cap_s, self.base_s * (2.0 ** min(max(0, attempt - 1), 64)))
         jittered = (rng or random).uniform(0, ceiling)
         if retry_after is not None:
             return max(min(retry_after, self.max_retry_after_s), jittered)

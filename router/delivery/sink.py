@@ -273,9 +273,13 @@ def optional_secret(value: Any, key: str) -> Secret | None:
 def endpoint_url(endpoint: str, key: str, appended_path: str, examples: str) -> str:
     """An http(s) base URL without query, fragment or the path the sink appends itself."""
     parts = urlsplit(endpoint)
-    if parts.scheme not in ("https", "http") or not parts.netloc:
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # "host:abc", a port out of range
+        port_ok = False
+    if parts.scheme not in ("https", "http") or not parts.hostname or not port_ok:
         raise ValueError(f"{key}: {endpoint!r} is not an http(s) URL ({examples})")
-    if parts.query or parts.fragment:
+    if "?" in endpoint or "#" in endpoint:  # also a bare "?" or "#": the path would follow it
         raise ValueError(f"{key}: must not have a query or fragment")
     if parts.path.rstrip("/").endswith(appended_path):
         raise ValueError(f"{key}: give the host only; the sink appends {appended_path}")

@@ -13,6 +13,7 @@ from router.delivery.batching import Batcher
 from router.delivery.offsets import PartitionOffsets
 from router.delivery.ratelimit import RateLimiter, TokenBucket
 from router.delivery.retry import RetryPolicy, Verdict, parse_retry_after, verdict_for_status
+from router.delivery.sink import endpoint_url
 
 # ---- retry table -----------------------------------------------------------------------------
 
@@ -263,3 +264,55 @@ def test_a_smaller_max_bytes_also_bounds_one_event() -> None:
     assert (tuned.max_bytes, tuned.max_event_bytes) == (500, 500)
     with pytest.raises(ValueError, match=r"rate_per_s: 6 must be between 0.001 and 5"):
         tuned_limits(limits, {"rate_per_s": 6}, "sinks.x.delivery")
+
+
+# ---- found by property tests: each raised or misbehaved before its fix -------------------------
+
+
+@pytest.mark.parametrize("attempt", [1_025, 5_000, 10**6])
+def test_backoff_after_very_many_attempts_stays_within_the_cap(attempt: int) -> None:
+    # A poison request re-sent after every success reaches 1,025 attempts in minutes; 2 ** 1024
+    # is past a float, and the OverflowError stranded the item.
+    policy = RetryPolicy(base_s=1.0, cap_s=300.0)
+    assert 0.0 <= policy.delay(attempt, rng=random.Random(1)) <= 300.0
+    assert RetryPolicy(cap_s=1.0).delay(attempt) <= 1.0
+
+
+def test_a_held_key_is_not_forgotten_with_the_idle_ones() -> None:
+    limiter = RateLimiter(None, per_key_rate=1.0, per_key_burst=2.0)  # Slack: per channel
+    limiter.hold(0.0, "C-busy", 3600.0)
+    assert limiter.wait_time(1.0, "C-busy") == pytest.approx(3599.0)
+    for n in range(10_001):  # keys idle from t=1 on, past the forgetting threshold
+        limiter.wait_time(1.0, f"C{n}")
+    limiter.wait_time(400.0, "C-new")  # forgets the idle ones
+    assert limiter.keys == 2  # C-busy and C-new
+    assert limiter.wait_time(401.0, "C-busy") == pytest.approx(3199.0)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://api.segment.io?",
+        "https://api.segment.io#",
+        "https://api.segment.io:abc",
+        "https://api.segment.io:0",
+        "http://:80",
+        "https://",
+    ],
+)
+def test_endpoints_that_would_misroute_every_request_are_refused(endpoint: str) -> None:
+    with pytest.raises(ValueError, match=r"^sinks\.segment\.endpoint: "):
+        endpoint_url(endpoint, "sinks.segment.endpoint", "/v1/batch", "US: https://api.segment.io")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "base"),
+    [
+        ("https://api.segment.io/", "https://api.segment.io"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://[::1]:9000", "https://[::1]:9000"),
+        ("https://proxy.example/segment", "https://proxy.example/segment"),
+    ],
+)
+def test_endpoints_that_are_fine(endpoint: str, base: str) -> None:
+    assert endpoint_url(endpoint, "k", "/v1/batch", "") == base
