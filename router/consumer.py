@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -547,17 +548,27 @@ class SinkConsumer:
         """Send a sink's validation request; return the items that may be sent for real.
 
         ``Partial`` dead-letters the items it rejects (``rejected_by_api``, with the
-        destination's message); any other outcome but ``Delivered`` is settled as usual
-        (retry, pause, reject) and nothing is sent.
+        destination's message) and schedules those it asks to retry or hold; any other outcome
+        but ``Delivered`` is settled as usual (retry, pause, reject) and nothing is sent.
         """
         await self._throttle(items[0].group)
         outcome, status, body = await self._send(check, items)
         if isinstance(outcome, Delivered):
             return items
-        if isinstance(outcome, Partial) and not outcome.retry:
+        if isinstance(outcome, Partial):
+            # Only a check was sent: items it rejects are dead-lettered, items it asks to retry
+            # or hold wait, and the rest go out for real (none counts as delivered here).
+            outcome = self._checked(outcome, len(items))
             for index, reason in outcome.rejected.items():
                 await self._dead_items([items[index]], dlq.REJECTED_BY_API, reason, status, body)
-            return [item for n, item in enumerate(items) if n not in outcome.rejected]
+            if outcome.retry:
+                retry = Retry(outcome.reason or "partial", outcome.after_s)
+                await self._retry([items[i] for i in outcome.retry], retry, status, body)
+            if outcome.hold:
+                held = [items[i] for i in outcome.hold]
+                self._hold(held, outcome.hold_s or self.cfg.retry_cap_s, outcome.reason)
+            waiting = set(outcome.rejected) | set(outcome.retry) | set(outcome.hold)
+            return [item for n, item in enumerate(items) if n not in waiting]
         await self._settle(outcome, items, status, body)
         return []
 
@@ -674,6 +685,7 @@ class SinkConsumer:
                 self._set_state(HEALTHY)
             return
         if isinstance(outcome, Partial):
+            outcome = self._checked(outcome, len(items))
             rejected = {items[i]: reason for i, reason in outcome.rejected.items()}
             retry = [items[i] for i in outcome.retry]
             held = [items[i] for i in outcome.hold]
@@ -708,6 +720,26 @@ class SinkConsumer:
             return
         assert isinstance(outcome, Reject)
         await self._dead_items(items, dlq.REJECTED_BY_API, outcome.reason, status, body)
+
+    def _checked(self, outcome: Partial, count: int) -> Partial:
+        """The Partial with each of ``count`` items named at most once, and only real indexes.
+
+        A sink's indexes that repeat, overlap (rejected before retry before hold) or fall
+        outside the request would settle an item twice (its event's offset committed while
+        another output of it waits) or not at all (the partition stalls).
+        """
+        rejected = {i: r for i, r in outcome.rejected.items() if 0 <= i < count}
+        taken: set[int] = set(rejected)
+        retry = tuple(i for i in dict.fromkeys(outcome.retry) if 0 <= i < count and i not in taken)
+        taken.update(retry)
+        hold = tuple(i for i in dict.fromkeys(outcome.hold) if 0 <= i < count and i not in taken)
+        if (len(rejected), len(retry), len(hold)) != (
+            len(outcome.rejected),
+            len(outcome.retry),
+            len(outcome.hold),
+        ) and self._log_throttle.allow("partial_indexes")[0]:
+            log.error("sink %s: a Partial named items twice or out of range", self.sink.name)
+        return dataclasses.replace(outcome, rejected=rejected, retry=retry, hold=hold)
 
     def _delivered(self, items: Iterable[Item]) -> None:
         per_rule: dict[str, int] = {}
@@ -934,8 +966,14 @@ class SinkConsumer:
     async def _commit_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(self.cfg.commit_interval_s)
-            await self._commit(self._offsets)
-            await self._update_lag()
+            try:
+                await self._commit(self._offsets)
+                await self._update_lag()
+            except Exception:
+                # Never let the periodic commit end: without it nothing is committed until
+                # the next rebalance, and a crash would re-send everything since.
+                if self._log_throttle.allow("commit_loop")[0]:
+                    log.exception("sink %s: periodic commit failed; continuing", self.sink.name)
 
     async def _commit(self, offsets: dict[TopicPartition, PartitionOffsets]) -> None:
         positions = {}
@@ -952,7 +990,9 @@ class SinkConsumer:
             log.warning("commit failed (%r); will retry", exc)
             return
         for tp, position in positions.items():
-            offsets[tp].committed(position)
+            still = offsets.get(tp)  # revoked while the commit was in flight: gone
+            if still is not None:
+                still.committed(position)
 
     async def _update_lag(self) -> None:
         consumer = self._consumer

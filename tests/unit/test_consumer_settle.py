@@ -1,0 +1,136 @@
+"""The consumer's bookkeeping without Kafka: each item settled exactly once, commits never early.
+
+A SinkConsumer built with a stand-in sink; dead-letter writes and sends are replaced, so what is
+tested is what the consumer does with outcomes. The cases came from property tests of the
+delivery layer: each committed an offset early, settled an item twice, or stalled before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from router import dlq
+from router.consumer import Item, SinkConsumer, _Ticket
+from router.delivery.offsets import PartitionOffsets
+from router.delivery.sink import Delivered, HttpRequest, Outcome, Partial, SinkLimits
+from router.settings import Settings
+from router.sink_metrics import SinkMetrics
+
+TP = TopicPartition("events", 0)
+
+
+class _Sink:
+    name = "fake"
+    limits = SinkLimits(max_events=10, max_bytes=10_000, max_event_bytes=1_000)
+
+
+def consumer() -> tuple[SinkConsumer, list[tuple[str | None, str]]]:
+    metrics = SinkMetrics("fake", CollectorRegistry())
+    made = SinkConsumer(Settings(), _Sink(), rules=None, metrics=metrics)  # type: ignore[arg-type]
+    dead: list[tuple[str | None, str]] = []
+
+    async def write_dead(letter: dlq.DeadLetter, key: bytes) -> None:  # Kafka acknowledged it
+        dead.append((letter.rule_id, letter.reason))
+
+    made._write_dead = write_dead  # type: ignore[method-assign]
+    return made, dead
+
+
+def take(
+    made: SinkConsumer, offsets: PartitionOffsets, offset: int, rules: list[str]
+) -> list[Item]:
+    """What _take does for one record with one routed output per rule."""
+    offsets.start(offset)
+    ticket = _Ticket(offsets, offset, 1)
+    items = []
+    for rule in rules:
+        ticket.remaining += 1
+        key = f"key-{offset}-{rule}"
+        items.append(Item(ticket, TP, f"evt-{offset}", rule, key, b"{}", None, {}, b"{}", "h"))
+    made._finish_ticket(ticket)  # the guard released once every output is handed over
+    return items
+
+
+def scheduled(made: SinkConsumer) -> list[Item]:
+    items = [item for entry in made._scheduled for item in entry.items]
+    made._scheduled.clear()
+    return items
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        Partial(rejected={0: "bad"}, retry=(0,)),
+        Partial(retry=(0, 0)),
+        Partial(retry=(0,), hold=(0,), hold_s=0.0),
+        Partial(rejected={1: "bad"}),
+        Partial(retry=(3,)),
+        Partial(rejected={-1: "bad"}),
+    ],
+    ids=[
+        "rejected+retry",
+        "retry-twice",
+        "retry+hold",
+        "rejected-out-of-range",
+        "retry-out-of-range",
+        "negative",
+    ],
+)
+async def test_a_partial_naming_items_oddly_settles_each_item_once(partial: Partial) -> None:
+    made, dead = consumer()
+    offsets = PartitionOffsets()
+    first, second = take(made, offsets, 5, ["rule_a", "rule_b"])  # one record, two outputs
+    await made._settle(partial, [first], 200, b"")
+    again = scheduled(made)
+    assert len(dead) + len(again) <= 1  # dead-lettered or re-sent, never both, never twice
+    if again:
+        await made._settle(Delivered(), again, 200, b"")
+    # rule_b's output is still out: the record's offset must not be committable yet.
+    assert offsets.committable() == 5
+    assert first.ticket.remaining == 1
+    await made._settle(Delivered(), [second], 200, b"")
+    assert offsets.committable() == 6
+
+
+async def test_a_preflight_asking_to_retry_some_items_sends_the_others_and_delivers_none() -> None:
+    made, _ = consumer()
+    offsets = PartitionOffsets()
+    (first,) = take(made, offsets, 10, ["r"])
+    (second,) = take(made, offsets, 11, ["r"])
+    sent: list[str] = []
+
+    async def send(request: HttpRequest, items: Any) -> tuple[Outcome, int | None, bytes]:
+        sent.append(request.url)
+        return Partial(retry=(0,), after_s=1.0, reason="throttled"), 200, b""
+
+    async def no_wait(key: str | None) -> None:
+        await asyncio.sleep(0)
+
+    made._send = send  # type: ignore[method-assign]
+    made._throttle = no_wait  # type: ignore[method-assign]
+    check = HttpRequest("POST", "https://debug.example/validate", {}, b"[]", (0, 1))
+    go = await made._preflight(check, [first, second])
+    assert sent == ["https://debug.example/validate"]  # only the check was sent
+    assert go == [second]  # goes out for real next
+    assert scheduled(made) == [first]  # waits for its retry
+    assert offsets.committable() == 10  # nothing counted as delivered
+
+
+async def test_a_partition_revoked_while_its_commit_is_in_flight_is_skipped() -> None:
+    made, _ = consumer()
+    offsets = PartitionOffsets()
+    take(made, offsets, 0, [])  # no outputs: finished at once
+    made._offsets = {TP: offsets}
+
+    class _Kafka:
+        async def commit(self, positions: dict[TopicPartition, int]) -> None:
+            made._offsets.pop(TP)  # on_revoked ran meanwhile
+
+    made._consumer = _Kafka()  # type: ignore[assignment]
+    await made._commit(made._offsets)  # raised KeyError, which ended the periodic commits
+    assert made._offsets == {}
