@@ -74,6 +74,8 @@ NULL = msgspec.Raw(b"null")  # a dead letter's event when it had to be left out
 # only once the cap has held for _PAUSE_AFTER_FULL_S (aiokafka drops what it prefetched for a
 # paused partition when getmany runs, and fetches it again after the resume).
 _FULL_WAIT_S = 0.02
+# Failed requests since the last success from which a success counts as a recovery.
+_RECOVERY_FAILURES = 2
 _PAUSE_AFTER_FULL_S = 1.0
 
 
@@ -197,6 +199,7 @@ class SinkConsumer:
         self.stopping = False
         self._dispatch_done = False
         self._full_since: float | None = None
+        self._failed_since_success = 0
         self._log_throttle = _LogThrottle()
         self._producer_lock = asyncio.Lock()
         self.health = "not run"
@@ -677,10 +680,14 @@ class SinkConsumer:
             self._delivered(items)
             if self.state == PAUSED:
                 log.info("sink %s resumed: the destination accepts requests again", self.sink.name)
-            if self._scheduled:
-                # The destination answers again: what waits on a backoff or a pause probe may go
-                # now (the concurrency and rate limits pace it), not after its own backoff.
+            if self._scheduled and self._failed_since_success >= _RECOVERY_FAILURES:
+                # The destination answers again after an outage: what waits on a backoff or a
+                # pause probe may go now (the concurrency and rate limits pace it), not after
+                # its own backoff. A single failure between successes is not an outage but a
+                # request the destination refuses (a poison event): it keeps its backoff, or it
+                # would be re-sent after every success until its retries run out.
                 self._release_scheduled()
+            self._failed_since_success = 0
             if self.state != HEALTHY and not self._scheduled:
                 self._set_state(HEALTHY)
             return
@@ -701,9 +708,11 @@ class SinkConsumer:
                 self._hold(held, outcome.hold_s or self.cfg.retry_cap_s, outcome.reason)
             return
         if isinstance(outcome, Retry):
+            self._failed_since_success += 1
             await self._retry(items, outcome, status, body)
             return
         if isinstance(outcome, Pause):
+            self._failed_since_success += 1
             if self.state != PAUSED:
                 log.error("sink %s paused: %s", self.sink.name, self.redact(outcome.reason))
             self._set_state(PAUSED)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from router import dlq
 from router.consumer import Item, SinkConsumer, _Ticket
 from router.delivery.offsets import PartitionOffsets
-from router.delivery.sink import Delivered, HttpRequest, Outcome, Partial, SinkLimits
+from router.delivery.sink import Delivered, HttpRequest, Outcome, Partial, Retry, SinkLimits
 from router.settings import Settings
 from router.sink_metrics import SinkMetrics
 
@@ -134,3 +134,25 @@ async def test_a_partition_revoked_while_its_commit_is_in_flight_is_skipped() ->
     made._consumer = _Kafka()  # type: ignore[assignment]
     await made._commit(made._offsets)  # raised KeyError, which ended the periodic commits
     assert made._offsets == {}
+
+
+async def test_one_failure_between_successes_keeps_its_backoff_an_outage_does_not() -> None:
+    made, _ = consumer()
+    offsets = PartitionOffsets()
+    (poison,) = take(made, offsets, 1, ["r"])
+    await made._settle(Retry("HTTP 500"), [poison], 500, b"")
+    assert len(made._scheduled) == 1
+    (fine,) = take(made, offsets, 2, ["r"])
+    await made._settle(Delivered(), [fine], 200, b"")
+    # One failed request between successes: a poison request, not an outage. Released, it would
+    # be re-sent after every success (1,000s of times) until its 4 hours ran out.
+    assert len(made._scheduled) == 1
+    assert not made._ready
+    (other,) = take(made, offsets, 3, ["r"])
+    (third,) = take(made, offsets, 4, ["r"])
+    await made._settle(Retry("HTTP 503"), [other], 503, b"")
+    await made._settle(Retry("HTTP 503"), [third], 503, b"")
+    (back,) = take(made, offsets, 5, ["r"])
+    await made._settle(Delivered(), [back], 200, b"")  # after two failures: a recovery
+    assert made._scheduled == []
+    assert sorted(item.ticket.offset for batch in made._ready for item in batch) == [1, 3, 4]
