@@ -124,7 +124,28 @@ async def _tail(settings: Settings, from_beginning: bool, count: int | None, idl
 
 
 def _masked(settings: Settings) -> Any:
-    return msgspec.to_builtins(settings, enc_hook=repr)
+    """The settings as ``config check`` prints them: every credential shown as ***.
+
+    Ingest secrets are Secret objects already; sinks' settings are plain maps, so values named
+    like credentials (key, secret, token, webhook...) are masked, and any other string that
+    contains one. {env: NAME} and {file: PATH} references are shown: they hold no secret.
+    """
+    from router.dlq import SECRET_WORDS, Redactor, secret_values
+
+    redact = Redactor(secret_values(settings.sinks))
+
+    def mask(value: Any, name: str) -> Any:
+        if isinstance(value, dict):
+            return {key: mask(item, str(key)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [mask(item, name) for item in value]
+        if isinstance(value, str):
+            return "***" if any(w in name.lower() for w in SECRET_WORDS) else redact(value)
+        return value
+
+    data: dict[str, Any] = msgspec.to_builtins(settings, enc_hook=repr)
+    data["sinks"] = mask(data.get("sinks", {}), "sinks")
+    return data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +193,16 @@ def _sink_problems(settings: Settings) -> list[str]:
     """Build every configured sink as its consumer would; one line per sink that cannot start."""
     import sinks
 
-    sinks.load_plugins(settings.plugins)
+    try:
+        sinks.load_plugins(settings.plugins)
+    except ValueError as exc:
+        return [str(exc)]
     problems = []
     for name, config in settings.sinks.items():
         if name not in sinks.FACTORIES:
+            if name not in sinks.OUTPUTS:  # a typo would otherwise leave the sink unconfigured
+                known = ", ".join(sorted(sinks.FACTORIES))
+                problems.append(f"sinks.{name}: no such sink (known: {known})")
             continue  # rules only, or a plugin's sink without a transport
         try:
             sinks.create(name, config)

@@ -9,8 +9,11 @@ are rendered before credentials are added, and reasons and excerpts pass through
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+import json
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
+from urllib.parse import quote
 
 import msgspec
 
@@ -86,19 +89,66 @@ def original_value(letter: DeadLetter) -> bytes | None:
     return None
 
 
+#: Words in a setting's name that mark its value as a credential (for secret_values).
+SECRET_WORDS: Final = ("key", "secret", "token", "password", "webhook", "auth")
+#: A secret's start this long or longer, cut off by an excerpt ("…"), is masked too.
+_MIN_PREFIX: Final = 4
+_CUT: Final = "…"
+
+
+def secret_values(config: Mapping[str, Any]) -> list[str]:
+    """Values of a sink's settings that look like credentials, for redaction."""
+    found: list[str] = []
+    for name, value in config.items():
+        if isinstance(value, Mapping):
+            found.extend(secret_values(value))
+        elif isinstance(value, str) and any(w in name.lower() for w in SECRET_WORDS):
+            found.append(value)
+    return found
+
+
 class Redactor:
-    """Replaces every known secret (and its URL-quoted form) in text with ***."""
+    r"""Replaces every known secret in text with ***, in the forms an answer may echo it in.
+
+    As given, URL-quoted, JSON-escaped (ASCII-only or not, ``/`` as ``\/``, escaped twice), in
+    any letter case; and a secret's first characters where an excerpt cut the text off ("…"),
+    since excerpts are cut before they are redacted.
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        from urllib.parse import quote  # only needed here
-
-        values = {s for s in secrets if s}
-        values |= {quote(s, safe="") for s in values}
+        forms: set[str] = set()
+        for secret in {s for s in secrets if s}:
+            forms |= {secret, quote(secret, safe="")}
+            for ascii_only in (True, False):
+                escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+                twice = json.dumps(escaped, ensure_ascii=ascii_only)[1:-1]
+                forms |= {escaped, escaped.replace("/", "\\/"), twice}
         # Longest first, so a secret containing another is replaced whole.
-        self._secrets = sorted(values, key=len, reverse=True)
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = (
+            re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE) if ordered else None
+        )
+        self._starts = [form.lower() for form in ordered if len(form) > _MIN_PREFIX]
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
+        if self._pattern is None:
+            return text
+        text = self._pattern.sub("***", text)
+        return self._cut_starts(text) if _CUT in text else text
+
+    def _cut_starts(self, text: str) -> str:
+        at = text.find(_CUT)
+        while at != -1:
+            before = text[:at].lower()
+            for form in self._starts:
+                longest = min(len(form) - 1, at)
+                for k in range(longest, _MIN_PREFIX - 1, -1):
+                    if before.endswith(form[:k]):
+                        text = text[: at - k] + "***" + text[at:]
+                        at = at - k + 3
+                        break
+                else:
+                    continue
+                break
+            at = text.find(_CUT, at + 1)
         return text

@@ -13,6 +13,7 @@ settings object can be logged or put in an error message safely.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -286,6 +287,27 @@ def _check(settings: Settings) -> None:
     problems: list[str] = []
     k, i, c = settings.kafka, settings.ingest, settings.consumer
     for name, value, low in (
+        ("kafka.retention_ms", k.retention_ms, -1),  # -1: kept forever (Kafka's own meaning)
+        ("kafka.linger_ms", k.linger_ms, 0),
+        ("kafka.startup_timeout_s", k.startup_timeout_s, 0),
+        ("ingest.shutdown_timeout_s", i.shutdown_timeout_s, 0),
+        ("rules.reload_interval_s", settings.rules.reload_interval_s, 0.01),
+        ("consumer.dlq_retention_ms", c.dlq_retention_ms, -1),
+        ("consumer.dlq_timeout_ms", c.dlq_timeout_ms, 1),
+        ("consumer.poll_timeout_ms", c.poll_timeout_ms, 1),
+        ("consumer.max_poll_records", c.max_poll_records, 1),
+        ("consumer.fetch_max_bytes", c.fetch_max_bytes, 1),
+        ("consumer.max_partition_fetch_bytes", c.max_partition_fetch_bytes, 1),
+        ("consumer.commit_interval_s", c.commit_interval_s, 0.01),
+        ("consumer.session_timeout_ms", c.session_timeout_ms, 1),
+        ("consumer.max_poll_interval_ms", c.max_poll_interval_ms, 1),
+        ("consumer.rebalance_timeout_ms", c.rebalance_timeout_ms, 1),
+        ("consumer.revoke_timeout_s", c.revoke_timeout_s, 0),
+        ("consumer.shutdown_timeout_s", c.shutdown_timeout_s, 0),
+        ("consumer.retry_base_s", c.retry_base_s, 0.001),
+        ("consumer.retry_cap_s", c.retry_cap_s, 0.001),
+        ("consumer.retry_max_total_s", c.retry_max_total_s, 0),
+        ("consumer.pause_probe_s", c.pause_probe_s, 0.01),
         ("kafka.partitions", k.partitions, 1),
         ("kafka.replication_factor", k.replication_factor, 1),
         ("kafka.produce_timeout_ms", k.produce_timeout_ms, 1),
@@ -297,15 +319,29 @@ def _check(settings: Settings) -> None:
         ("ingest.retry_after_s", i.retry_after_s, 1),
         ("consumer.max_inflight_events", c.max_inflight_events, 1),
     ):
-        if value < low:
+        # "not >=": a NaN (YAML .nan) fails too; "<" let it through.
+        if not (value >= low and math.isfinite(value)):
             problems.append(f"config key {name}: must be >= {low}, got {value}")
-    if not 0 < i.port < 65536:
-        problems.append(f"config key ingest.port: must be 1..65535, got {i.port}")
-    if not k.topic or any(c not in _TOPIC_CHARS for c in k.topic):
-        problems.append(
-            f"config key kafka.topic: {k.topic!r} is not a valid Kafka topic name "
-            "(letters, digits, '.', '_', '-')"
-        )
+    for name, port in (("ingest.port", i.port), ("consumer.health_port", c.health_port)):
+        if not 0 < port < 65536:
+            problems.append(f"config key {name}: must be 1..65535, got {port}")
+    if not k.bootstrap_servers.strip():
+        problems.append("config key kafka.bootstrap_servers: must name at least one host:port")
+    problems.extend(_topic_problem("kafka.topic", k.topic))
+    for name, template in (
+        ("consumer.dlq_topic", c.dlq_topic),
+        ("consumer.retry_topic", c.retry_topic),
+    ):
+        # One topic per sink: a shared retry topic would replay one sink's events to all.
+        if "{sink}" not in template:
+            problems.append(f"config key {name}: must contain {{sink}} (one topic per sink)")
+            continue
+        try:
+            example = template.format(sink="segment")
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(f"config key {name}: {template!r} is not a valid template: {exc!r}")
+            continue
+        problems.extend(_topic_problem(name, example))
     if k.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
         problems.append(
             "config key kafka.compression_type: must be one of gzip, snappy, lz4, zstd or null"
@@ -321,3 +357,13 @@ def _check(settings: Settings) -> None:
 
 
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _topic_problem(name: str, topic: str) -> list[str]:
+    if topic and len(topic) <= 249 and all(c in _TOPIC_CHARS for c in topic):
+        return []
+    shown = topic if len(topic) <= 60 else topic[:60] + "..."
+    return [
+        f"config key {name}: {shown!r} is not a valid Kafka topic name "
+        "(1-249 letters, digits, '.', '_', '-')"
+    ]

@@ -7,9 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,25 +16,12 @@ import sinks
 from router.aio import unless_stopped
 from router.consumer import SinkConsumer
 from router.delivery.sink import sink_secrets
-from router.dlq import Redactor
+from router.dlq import Redactor, secret_values
 from router.rules.live import LiveRules, RulesError, RulesMetrics
 from router.settings import Settings
 from router.sink_metrics import SinkMetrics
 
 log = logging.getLogger(__name__)
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "webhook", "auth")
-
-
-def secret_values(config: Mapping[str, Any]) -> list[str]:
-    """Values of a sink's settings that look like credentials, for redaction."""
-    found: list[str] = []
-    for name, value in config.items():
-        if isinstance(value, Mapping):
-            found.extend(secret_values(value))
-        elif isinstance(value, str) and any(w in name.lower() for w in _SECRET_WORDS):
-            found.append(value)
-    return found
 
 
 def health_app(consumer: SinkConsumer, registry: CollectorRegistry) -> web.Application:
@@ -67,9 +52,9 @@ def health_app(consumer: SinkConsumer, registry: CollectorRegistry) -> web.Appli
 
 
 async def run_sink(settings: Settings, name: str) -> int:
-    sinks.load_plugins(settings.plugins)
     config = settings.sinks.get(name, {})
     try:
+        sinks.load_plugins(settings.plugins)
         sink = sinks.create(name, config)
     except (LookupError, ValueError, KeyError) as exc:
         log.error("cannot start sink %s: %s", name, exc)

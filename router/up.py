@@ -35,7 +35,11 @@ async def _pump(name: str, stream: asyncio.StreamReader) -> None:
 
 
 async def run_up(settings: Settings, config_args: Sequence[str]) -> int:
-    sinks.load_plugins(settings.plugins)
+    try:
+        sinks.load_plugins(settings.plugins)
+    except ValueError as exc:
+        sys.stderr.write(f"router up: {exc}\n")
+        return 2
     cli = [sys.executable, "-m", "router.cli", *config_args]
     base_port = settings.consumer.health_port
     plan: list[tuple[str, list[str], dict[str, str]]] = [("ingest", [*cli, "serve"], {})]

@@ -29,9 +29,15 @@ FACTORIES: dict[str, Callable[[Mapping[str, Any]], Sink]] = {
 
 
 def load_plugins(modules: Sequence[str]) -> None:
-    """Import the ``plugins`` setting's modules; each registers its sinks on import."""
+    """Import the ``plugins`` setting's modules; each registers its sinks on import.
+
+    ValueError names the module that cannot be imported (a typo, an empty or relative name).
+    """
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise ValueError(f"plugins: cannot import {module!r}: {exc}") from None
 
 
 def register(

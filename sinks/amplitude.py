@@ -37,6 +37,7 @@ excerpts it keeps in dead letters and logs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -231,8 +232,8 @@ class AmplitudeSink:
     def __init__(self, settings: AmplitudeSettings, api_key: Secret | None) -> None:
         if settings.min_id_length < 1:
             raise ValueError("sinks.amplitude.min_id_length: must be at least 1")
-        if settings.quota_hold_s <= 0:
-            raise ValueError("sinks.amplitude.quota_hold_s: must be positive")
+        if not 0 < settings.quota_hold_s < math.inf:  # NaN fails this too
+            raise ValueError("sinks.amplitude.quota_hold_s: must be a positive number of seconds")
         endpoint = settings.endpoint.rstrip("/")
         if not endpoint.startswith(("https://", "http://")):
             raise ValueError("sinks.amplitude.endpoint: expected an http(s) URL")

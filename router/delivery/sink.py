@@ -11,6 +11,7 @@ dead letters and offset commits are the delivery layer's. Copy sinks/README.md's
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
@@ -70,7 +71,8 @@ def tuned_limits(limits: SinkLimits, config: Any, where: str) -> SinkLimits:
     def bounded(name: str, value: float | None, low: float, high: float | None, why: str) -> None:
         if value is None:
             return
-        if value < low or (high is not None and value > high):
+        # Written so that NaN (YAML .nan) fails too, and infinity: "value < low" lets NaN pass.
+        if not (low <= value <= (high if high is not None else math.inf) and math.isfinite(value)):
             limit = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
             raise ValueError(f"{where}.{name}: {value:g} must be {limit}{why}")
         changes[name] = value

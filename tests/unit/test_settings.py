@@ -92,6 +92,17 @@ def test_secrets_never_print_their_value() -> None:
             "config key ingest.max_batch_events: must be >= 1",
         ),
         ("- a list\n", {}, "top level must be a mapping"),
+        # Found by fuzzing: each passed the check and broke a command later.
+        ("consumer:\n  commit_interval_s: .nan\n", {}, "consumer.commit_interval_s: must be >="),
+        ("", {"ROUTER_CONSUMER__COMMIT_INTERVAL_S": "0"}, "consumer.commit_interval_s"),
+        ("", {"ROUTER_CONSUMER__REVOKE_TIMEOUT_S": ".nan"}, "consumer.revoke_timeout_s"),
+        ("", {"ROUTER_CONSUMER__HEALTH_PORT": "-5"}, "consumer.health_port: must be 1..65535"),
+        ("", {"ROUTER_CONSUMER__DLQ_TOPIC": "router.dlq"}, "consumer.dlq_topic: must contain"),
+        ("", {"ROUTER_CONSUMER__RETRY_TOPIC": "r.{sink}.{nope}"}, "not a valid template"),
+        ("", {"ROUTER_CONSUMER__RETRY_TOPIC": "r {sink}"}, "not a valid Kafka topic name"),
+        ("", {"ROUTER_KAFKA__TOPIC": "t" * 250}, "config key kafka.topic"),
+        ("", {"ROUTER_KAFKA__BOOTSTRAP_SERVERS": " "}, "kafka.bootstrap_servers"),
+        ("", {"ROUTER_KAFKA__LINGER_MS": "-1"}, "kafka.linger_ms: must be >= 0"),
         ("a: [\n", {}, "not valid YAML"),
     ],
 )
@@ -162,3 +173,48 @@ def test_config_check_builds_every_sink_and_names_what_cannot_start(
     assert "sinks.ga4.delivery.max_events: 99 must be between 1 and 25" in err
     assert "sinks.segment" in err
     assert "ROUTER_TEST_UNSET_VARIABLE" in err
+
+
+def test_config_check_masks_sink_credentials_and_refuses_typos(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "sinks:\n  segment:\n    write_key: SECRET-abc123\n"
+        "  mixpanel:\n    project_id: '1'\n"
+        "    service_account: {username: sa, secret: SECRET-def456}\n"
+        "  slack:\n    webhook_url: {env: SLACK_URL}\n"
+    )
+    monkeypatch.setenv("SLACK_URL", "https://hooks.slack.com/services/T0/B0/SECRET-ghi789")
+    monkeypatch.setenv("ROUTER_SINKS__GA4__API_SECRET", "SECRET-jkl012")
+    monkeypatch.setenv("ROUTER_SINKS__GA4__MEASUREMENT_ID", "G-1")
+    assert main(["--config", str(config), "config", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "SECRET-" not in out
+    assert "write_key: '***'" in out
+    assert "env: SLACK_URL" in out  # a reference holds no secret
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("sinks:\n  segmnet:\n    write_key: SECRET-abc123\n")
+    assert main(["--config", str(typo), "config", "check"]) == 2
+    captured = capsys.readouterr()
+    assert "sinks.segmnet: no such sink" in captured.err
+    assert "SECRET-" not in captured.out + captured.err
+
+
+def test_a_plugin_that_cannot_be_imported_is_a_config_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.cli import main
+
+    monkeypatch.setenv("ROUTER_PLUGINS", "no_such_plugin_module")
+    assert main(["config", "check"]) == 2
+    assert "plugins: cannot import 'no_such_plugin_module'" in capsys.readouterr().err
+
+
+def test_delivery_tuning_refuses_nan() -> None:
+    import sinks
+
+    with pytest.raises(ValueError, match=r"^sinks\.segment\.delivery\.linger_s: nan"):
+        sinks.create("segment", {"delivery": {"linger_s": float("nan")}})
