@@ -69,8 +69,13 @@ async def run_sink(settings: Settings, name: str) -> int:
     consumer = SinkConsumer(settings, sink, live, SinkMetrics(name, registry), redact)
     runner = web.AppRunner(health_app(consumer, registry), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.consumer.health_host, settings.consumer.health_port)
-    await site.start()
+    host, port = settings.consumer.health_host, settings.consumer.health_port
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:  # a port in use, a host that does not resolve
+        log.error("cannot start sink %s: health port %s:%s: %s", name, host, port, exc)
+        await runner.cleanup()
+        return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

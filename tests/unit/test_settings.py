@@ -218,3 +218,16 @@ def test_delivery_tuning_refuses_nan() -> None:
 
     with pytest.raises(ValueError, match=r"^sinks\.segment\.delivery\.linger_s: nan"):
         sinks.create("segment", {"delivery": {"linger_s": float("nan")}})
+
+
+async def test_a_health_port_that_cannot_be_opened_is_a_clear_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from router.sink_runner import run_sink
+
+    env = {
+        "ROUTER_CONSUMER__HEALTH_HOST": "no.such.host.invalid",
+        "ROUTER_RULES__DIR": str(ROOT / "rules"),
+    }
+    assert await run_sink(load_settings(None, env), "segment") == 2  # was a traceback
+    assert "health port no.such.host.invalid:9100" in caplog.text
