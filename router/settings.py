@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from router import yamlfile
 from router.errors import validation_error_parts
 
 ENV_PREFIX = "ROUTER_"
@@ -243,9 +244,17 @@ def load_settings(
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
         try:
-            loaded = msgspec.yaml.decode(text) if text.strip() else {}
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            document = yamlfile.read(text.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8: {exc}") from None
+        if document.problems:  # a key given twice, runaway aliases, not YAML at all
+            raise ConfigError(
+                "\n".join(
+                    f"{path}:{p.line}: {p.path}: {p.message}" if p.line else f"{path}: {p.message}"
+                    for p in document.problems
+                )
+            )
+        loaded = {} if document.data is None else document.data
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded

@@ -11,31 +11,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import yaml
 
 import sinks
+from router import yamlfile
 from router.errors import validation_error_parts
 from router.rules.engine import Problem, RuleSet, compile_file
 from router.rules.model import Directive, Rule, RuleFile, RuleTest, TestFile
 
 _TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
-
-
-class _RuleLoader(yaml.SafeLoader):
-    """YAML without the timestamp type: an unquoted 2024-01-01 stays the text it looks like.
-
-    Otherwise ``gte: 2024-01-01T00:00:00Z`` would be a datetime (refused by the schema) and
-    ``eq: 2024-01-01`` would never equal the text in an event.
-    """
-
-
-_RuleLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
 
 
 @dataclass(frozen=True)
@@ -90,65 +77,6 @@ def line_of(root: yaml.Node | None, path: str) -> int | None:
         else:
             return line
     return line
-
-
-#: What a file may expand to through its aliases (*name): far beyond any rule file, far below
-#: what hangs the checks ("billion laughs": nine aliases of nine aliases... in 500 bytes).
-MAX_EXPANDED_NODES: Final = 200_000
-
-
-def _alias_problem(root: yaml.Node | None) -> str | None:
-    """Why the aliases of this node tree cannot be expanded (a cycle, or too many nodes)."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in open_nodes:
-            raise _AliasCycle
-        open_nodes.add(key)
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(item) for item in node.value)
-        open_nodes.discard(key)
-        sizes[key] = total = min(total, MAX_EXPANDED_NODES + 1)
-        return total
-
-    if root is None:
-        return None
-    try:
-        if size(root) > MAX_EXPANDED_NODES:
-            return f"aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values"
-    except _AliasCycle:
-        return "an alias (*name) refers to a value that contains it"
-    return None
-
-
-class _AliasCycle(Exception):
-    pass
-
-
-def _duplicate_keys(node: yaml.Node | None, path: str = "$") -> list[tuple[str, int, str]]:
-    """PyYAML keeps the last of two equal keys silently; a rule file must not rely on that."""
-    found: list[tuple[str, int, str]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            if key in seen:
-                found.append(
-                    (f"{path}.{key}", key_node.start_mark.line + 1, f"duplicate key {key!r}")
-                )
-            seen.add(key)
-            found.extend(_duplicate_keys(value_node, f"{path}.{key}"))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            found.extend(_duplicate_keys(item, f"{path}[{index}]"))
-    return found
 
 
 def _walk(data: Any, path: str) -> Any:
@@ -224,31 +152,11 @@ def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> _Read:
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(FileProblem(label, None, "$", f"cannot read: {exc}"))
         return _Read(b"", None, None)
-    # One parse: the node tree (for line numbers and duplicate keys) and the data built from it,
-    # as yaml.load does internally.
-    loader = _RuleLoader(text)
-    try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-        alias_problem = _alias_problem(root)
-        if alias_problem is not None:
-            problems.append(FileProblem(label, None, "$", alias_problem))
-            return _Read(raw, None, None)
-        duplicates = _duplicate_keys(root)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        reason = getattr(exc, "problem", None) or str(exc)
-        problems.append(FileProblem(label, line, "$", f"not valid YAML: {reason}"))
+    document = yamlfile.read(text)
+    problems.extend(FileProblem(label, p.line, p.path, p.message) for p in document.problems)
+    if document.root is None and document.problems:
         return _Read(raw, None, None)
-    except RecursionError:  # the parser and the walks recurse; rule files are never this deep
-        problems.append(FileProblem(label, None, "$", "not valid YAML: nested too deeply"))
-        return _Read(raw, None, None)
-    finally:
-        loader.dispose()
-    for dup_path, line, reason in duplicates:
-        problems.append(FileProblem(label, line, dup_path, reason))
-    return _Read(raw, data, root)
+    return _Read(raw, document.data, document.root)
 
 
 def _label(path: Path) -> str:

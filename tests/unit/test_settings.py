@@ -104,6 +104,8 @@ def test_secrets_never_print_their_value() -> None:
         ("", {"ROUTER_KAFKA__BOOTSTRAP_SERVERS": " "}, "kafka.bootstrap_servers"),
         ("", {"ROUTER_KAFKA__LINGER_MS": "-1"}, "kafka.linger_ms: must be >= 0"),
         ("a: [\n", {}, "not valid YAML"),
+        ("kafka:\n  topic: a\nkafka:\n  partitions: 3\n", {}, "c.yaml:3: $.kafka: duplicate key"),
+        ("a: &a [*a]\n", {}, "refers to a value that contains it"),
     ],
 )
 def test_errors_name_the_key(
