@@ -101,9 +101,9 @@ async def _tail(settings: Settings, from_beginning: bool, count: int | None, idl
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
     )
-    await asyncio.wait_for(consumer.start(), timeout=30)
     seen = 0
     try:
+        await asyncio.wait_for(consumer.start(), timeout=30)
         while count is None or seen < count:
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
             if not batch:
@@ -234,10 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _run(run_sink(settings, args.name))
     if args.command == "events":
+        from aiokafka.errors import KafkaError
+
         try:
             return _run(_tail(settings, args.from_beginning, args.count, args.idle_timeout))
         except KeyboardInterrupt:
             return 130
+        except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+            # Kafka unreachable, or a bootstrap_servers entry that does not parse.
+            servers = settings.kafka.bootstrap_servers
+            sys.stderr.write(f"router events: cannot read from Kafka at {servers}: {exc!r}\n")
+            return 1
     if args.command == "rules":
         from router.rules import commands  # keep `router --help` fast
 

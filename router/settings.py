@@ -285,7 +285,17 @@ def _describe(
     message, path = validation_error_parts(exc)
     key = path.removeprefix("$.").removeprefix("$")
     dotted = key.split("[", 1)[0]
-    origin = env_names.get(tuple(dotted.split("."))) if dotted else None
+    parts = tuple(dotted.split(".")) if dotted else ()
+    # The variable that set this key, or one below it (ROUTER_NOPE__X for an unknown "nope"),
+    # or above it (ROUTER_KAFKA__TOPIC__NAME made kafka.topic a map).
+    origin = next(
+        (
+            name
+            for path, name in env_names.items()
+            if parts and (path[: len(parts)] == parts or parts[: len(path)] == path)
+        ),
+        None,
+    )
     origin_text = f" (from {origin})" if origin else f" (in {source})"
     if not key:
         return f"config: {message}{origin_text}"

@@ -106,6 +106,8 @@ def test_secrets_never_print_their_value() -> None:
         ("a: [\n", {}, "not valid YAML"),
         ("kafka:\n  topic: a\nkafka:\n  partitions: 3\n", {}, "c.yaml:3: $.kafka: duplicate key"),
         ("a: &a [*a]\n", {}, "refers to a value that contains it"),
+        ("", {"ROUTER_NOPE__X": "1"}, "unknown field nope (from ROUTER_NOPE__X)"),
+        ("kafka: {}\n", {"ROUTER_KAFKA__TOPIC__NAME": "x"}, "(from ROUTER_KAFKA__TOPIC__NAME)"),
     ],
 )
 def test_errors_name_the_key(
@@ -233,3 +235,13 @@ async def test_a_health_port_that_cannot_be_opened_is_a_clear_error(
     }
     assert await run_sink(load_settings(None, env), "segment") == 2  # was a traceback
     assert "health port no.such.host.invalid:9100" in caplog.text
+
+
+def test_events_tail_without_kafka_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.cli import main
+
+    monkeypatch.setenv("ROUTER_KAFKA__BOOTSTRAP_SERVERS", "a:b:c")  # passes the config check
+    assert main(["events", "tail", "--count", "1"]) == 1
+    assert "router events: cannot read from Kafka at a:b:c" in capsys.readouterr().err
