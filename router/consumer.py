@@ -60,7 +60,7 @@ from router.delivery.sink import (
     excerpt,
     idempotency_key,
 )
-from router.events import decode_event, now_ms
+from router.events import Event, decode_event, now_ms
 from router.rules.engine import Failed, Routed
 from router.rules.live import LiveRules
 from router.settings import Settings
@@ -388,33 +388,19 @@ class SinkConsumer:
             # bug meeting an odd event, which must not stop the consumer on this record.
             if self._log_throttle.allow("rules_error")[0]:
                 log.exception("sink %s: rules raised (a bug in the engine)", self.sink.name)
-            await self._dead_letter(
-                dlq.MAPPING_ERROR,
-                f"the rules could not be evaluated: {exc!r}",
-                ticket=ticket,
-                tp=tp,
-                value=value,
-                key=event.id.encode(),
-                event_id=event.id,
-                ruleset=ruleset.hash,
-            )
+            detail = f"the rules could not be evaluated: {exc!r}"
+            hash_ = ruleset.hash
+            await self._dead_event(dlq.MAPPING_ERROR, detail, event, ticket, tp, value, hash_)
             self._finish_ticket(ticket)
             return
         routed = [o for o in outputs if isinstance(o, Routed)]
         for failure in (o for o in outputs if isinstance(o, Failed)):
             self.metrics.rule(failure.rule_id).failed.inc()
             # The ticket stays open: the event's other outputs are still to come.
-            await self._dead_letter(
-                dlq.MAPPING_ERROR,
-                f"{failure.field}: {failure.reason}",
-                ticket=ticket,
-                tp=tp,
-                value=value,
-                key=event.id.encode(),
-                event_id=event.id,
-                rule_id=failure.rule_id,
-                ruleset=ruleset.hash,
-            )
+            await self._dead_event(
+                dlq.MAPPING_ERROR, f"{failure.field}: {failure.reason}",
+                event, ticket, tp, value, ruleset.hash, rule_id=failure.rule_id,
+            )  # fmt: skip
         if not outputs:
             self.metrics.filtered.inc()
         now = time.monotonic()
@@ -443,19 +429,10 @@ class SinkConsumer:
                     )
             if refused is not None:
                 reason, detail = refused
-                await self._dead_letter(
-                    reason,
-                    detail,
-                    ticket=ticket,
-                    tp=tp,
-                    value=value,
-                    key=event.id.encode(),
-                    event_id=event.id,
-                    rule_id=output.rule_id,
-                    idempotency_key=key,
-                    payload=output.payload,
-                    ruleset=ruleset.hash,
-                )
+                await self._dead_event(
+                    reason, detail, event, ticket, tp, value, ruleset.hash,
+                    rule_id=output.rule_id, idempotency_key=key, payload=output.payload,
+                )  # fmt: skip
                 continue
             item = Item(
                 ticket,
@@ -863,6 +840,23 @@ class SinkConsumer:
             **dlq.event_fields(value),
         )
         await self._write_dead(letter, key)
+
+    async def _dead_event(
+        self,
+        reason: str,
+        detail: str,
+        event: Event,
+        ticket: _Ticket,
+        tp: TopicPartition,
+        value: bytes,
+        ruleset: str,
+        **fields: Any,
+    ) -> None:
+        """A dead letter for a decoded event (a rule's failure, an output the sink refused)."""
+        await self._dead_letter(
+            reason, detail, ticket=ticket, tp=tp, value=value, key=event.id.encode(),
+            event_id=event.id, ruleset=ruleset, **fields,
+        )  # fmt: skip
 
     async def _dead_items(
         self, items: Sequence[Item], reason: str, detail: str, status: int | None, body: bytes
