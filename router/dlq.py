@@ -68,7 +68,7 @@ def event_fields(value: bytes | None) -> dict[str, Any]:
     value = value or b""
     try:
         _json_check.decode(value)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # deep nesting is not a DecodeError
         return {"event_b64": base64.b64encode(value).decode()}
     return {"event": msgspec.Raw(value)}
 

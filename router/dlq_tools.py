@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -104,8 +107,8 @@ def parse_reasons(values: Sequence[str]) -> frozenset[str]:
     reasons: set[str] = set()
     for value in values:
         for part in (p.strip() for p in value.split(",")):
-            if not part:
-                continue
+            if not part:  # an unset $REASON in a script must not mean "every reason"
+                raise ValueError(f"an empty reason in {value!r}; one of {', '.join(dlq.REASONS)}")
             if part not in dlq.REASONS:
                 raise ValueError(f"unknown reason {part!r}; one of {', '.join(dlq.REASONS)}")
             reasons.add(part)
@@ -119,6 +122,16 @@ def parse_position(text: str) -> tuple[int | None, int]:
         return (int(partition) if sep else None), int(offset)
     except ValueError:
         raise ValueError(f"{text!r} is not an offset (N) or partition:offset (P:N)") from None
+
+
+def parse_timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # NaN too
+        raise ValueError(f"{text!r} is not a positive number of seconds")
+    return seconds
 
 
 def _arg_type(parse: Any, name: str) -> Any:
@@ -198,6 +211,8 @@ def _to_entry(record: Any) -> Entry:
         letter = dlq.decode(record.value)
     except msgspec.DecodeError as exc:
         return Entry(record.partition, record.offset, None, f"not a dead letter: {exc}")
+    except RecursionError:
+        return Entry(record.partition, record.offset, None, "not a dead letter: nested too deeply")
     return Entry(record.partition, record.offset, letter)
 
 
@@ -320,7 +335,10 @@ def iso_ms(ms: int | None) -> str:
     """Ms since the epoch as ISO 8601 UTC (``2025-01-31T12:00:00.000Z``); ``-`` if unset."""
     if not ms:
         return "-"
-    moment = _EPOCH + timedelta(milliseconds=ms)
+    try:
+        moment = _EPOCH + timedelta(milliseconds=ms)
+    except OverflowError:  # a letter written by something else than the router
+        return f"{ms} (not a time)"
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -494,15 +512,41 @@ class ReplayResult:
     skipped: int = 0
     failed: int = 0
     sent: list[tuple[str, str | None]] = field(default_factory=list)  # (dlq position, event id)
+    interrupted: bool = False
 
     def summary(self) -> str:
+        stop = "; interrupted (Ctrl-C): run it again to go on, keys are reused" * self.interrupted
         if self.dry_run:
             return (
                 f"dry run: would replay {self.replayed} event(s) to {self.topic}; "
-                f"skipped {self.skipped}"
+                f"skipped {self.skipped}{stop}"
             )
         line = f"replayed {self.replayed} event(s) to {self.topic}; skipped {self.skipped}"
-        return line + (f"; failed {self.failed}" if self.failed else "")
+        return line + (f"; failed {self.failed}" if self.failed else "") + stop
+
+
+class Interruption:
+    """Ctrl-C during a replay: stop after the send in progress, wait for Kafka's acks, report.
+
+    A flag rather than KeyboardInterrupt or task cancellation: Python 3.11's wait_for drops a
+    cancellation that arrives as its awaitable completes, which lost most Ctrl-Cs mid-replay.
+    A second Ctrl-C falls back to Python's default (KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_sigint() -> None:
+            self.requested = True
+            loop.remove_signal_handler(signal.SIGINT)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -515,14 +559,20 @@ class _Send:
     event_id: str | None
 
 
-def _plan(entry: Entry, include_invalid: bool, seen: dict[str, str]) -> _Send | str:
+def _plan(entry: Entry, sink: str, include_invalid: bool, seen: dict[str, str]) -> _Send | str:
     """What to send for one letter, or why it is skipped."""
     letter = entry.letter
     if letter is None:
         return f"not a dead letter ({entry.error})"
+    if letter.sink != sink:  # only that sink's letters go to its retry topic
+        return f"a dead letter of sink {letter.sink!r}, not {sink!r}"
+    invalid = "not a canonical event, it would only die again (--include-invalid)"
     if letter.reason == dlq.INVALID_EVENT and not include_invalid:
-        return "invalid_event: not a canonical event, it would only die again (--include-invalid)"
-    value = dlq.original_value(letter)
+        return f"invalid_event: {invalid}"
+    try:
+        value = dlq.original_value(letter)
+    except ValueError:  # binascii.Error: event_b64 that is not base64
+        return "its event_b64 is not base64"
     if value is None:
         return "the dead letter holds no original event"
     event_id = letter.event_id
@@ -530,6 +580,8 @@ def _plan(entry: Entry, include_invalid: bool, seen: dict[str, str]) -> _Send | 
     try:
         event = decode_event(value)
     except Exception:  # msgspec errors, or anything a garbage value provokes
+        if not include_invalid:
+            return invalid
         key = event_id.encode() if event_id else None
     else:
         event_id = event_id or event.id
@@ -666,6 +718,7 @@ async def replay_letters(
     include_invalid: bool = False,
     progress: bool | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    interruption: Interruption | None = None,
 ) -> ReplayResult:
     """Send the selected letters' original events to the sink's retry topic (see the module doc).
 
@@ -686,7 +739,10 @@ async def replay_letters(
                 bar.advance()
                 if not selection.matches(entry):
                     continue
-                plan = _plan(entry, include_invalid, seen)
+                if interruption is not None and interruption.requested:
+                    result.interrupted = True
+                    break
+                plan = _plan(entry, sink, include_invalid, seen)
                 if isinstance(plan, str):
                     result.skipped += 1
                     bar.note(f"skipped dlq {entry.position}: {plan}")
@@ -739,7 +795,7 @@ def add_parser(commands: Any) -> None:
     common.add_argument("--event-id", metavar="ID", help="only this event's letters")
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_arg_type(parse_timeout, "timeout"),
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help="the longest wait on Kafka for any one step (default %(default)g)",
@@ -823,19 +879,28 @@ async def run(
                 err.write("router dlq: no dead letter matches\n")
                 return 1
             return 0
-        result = await replay_letters(
-            settings,
-            args.sink,
-            selection,
-            out=out,
-            err=err,
-            dry_run=args.dry_run,
-            include_invalid=args.include_invalid,
-            progress=True if args.progress else None,
-            timeout_s=args.timeout,
-        )
+        loop = asyncio.get_running_loop()
+        interruption = Interruption()
+        interruption.install(loop)
+        try:
+            result = await replay_letters(
+                settings,
+                args.sink,
+                selection,
+                out=out,
+                err=err,
+                dry_run=args.dry_run,
+                include_invalid=args.include_invalid,
+                progress=True if args.progress else None,
+                timeout_s=args.timeout,
+                interruption=interruption,
+            )
+        finally:
+            interruption.uninstall(loop)
         out.write(result.summary() + "\n")
         out.flush()
+        if result.interrupted:
+            return 130
         return 1 if result.failed else 0
     except DlqToolError as exc:
         err.write(f"router dlq: {exc}\n")

@@ -24,6 +24,7 @@ from router import dlq
 from router.cli import build_parser
 from router.delivery.sink import idempotency_key
 from router.dlq_tools import (
+    Interruption,
     Selection,
     list_letters,
     parse_since,
@@ -427,3 +428,36 @@ async def test_the_router_command_line(broker: Broker) -> None:
     status, out, err = await router("dlq", "list", "--sink", "fake", "--reason", "nope")
     assert status == 2
     assert "unknown reason 'nope'" in err
+
+
+class _CtrlCAfter(Interruption):
+    """Ctrl-C pressed after ``n`` letters were looked at (the flag the SIGINT handler sets)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self._left = n
+
+    @property  # type: ignore[override]
+    def requested(self) -> bool:
+        self._left -= 1
+        return self._left < 0
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass
+
+
+async def test_ctrl_c_stops_a_replay_after_the_send_in_progress_and_says_so(
+    broker: Broker,
+) -> None:
+    settings = _synthetic_settings(broker)
+    await write_letters(settings, settings.consumer.dlq_topic_for("fake"), _synthetic_letters())
+    target = settings.consumer.retry_topic_for("fake")
+    out, err = io.StringIO(), io.StringIO()
+    result = await replay_letters(
+        settings, "fake", Selection(), out=out, err=err, interruption=_CtrlCAfter(2)
+    )
+    assert result.interrupted
+    assert result.replayed == 2  # A and B, acknowledged before it stopped; C was not sent
+    assert sum((await end_offsets(settings, target)).values()) == 2
+    assert "interrupted (Ctrl-C): run it again to go on" in result.summary()

@@ -200,30 +200,33 @@ def test_lines_and_records() -> None:
 
 def test_plans_keep_the_event_key_and_send_each_event_once() -> None:
     seen: dict[str, str] = {}
-    first = _plan(Entry(0, 3, letter(ev=event(1, visitor="v9"))), False, seen)
+    first = _plan(Entry(0, 3, letter(ev=event(1, visitor="v9"))), "fake", False, seen)
     assert not isinstance(first, str)
     assert first.value == to_record(event(1, visitor="v9")).value
     assert first.key == b"v9"
     assert first.headers == [("event_id", b"evt-1"), ("replay_of", b"0:3")]
     # The same event's dead letter for another rule: the first replay runs that rule too.
-    again = _plan(Entry(1, 0, letter(ev=event(1), rule="other")), False, seen)
+    again = _plan(Entry(1, 0, letter(ev=event(1), rule="other")), "fake", False, seen)
     assert again == "event evt-1 is already replayed from dlq 0:3 (all rules run again)"
-    no_visitor = _plan(Entry(0, 4, letter(ev=event(2, visitor=None))), False, seen)
+    no_visitor = _plan(Entry(0, 4, letter(ev=event(2, visitor=None))), "fake", False, seen)
     assert not isinstance(no_visitor, str)
     assert no_visitor.key == b"acct"  # Event.partition_key: visitor, else account, else id
 
 
 def test_plans_skip_invalid_events_unless_asked() -> None:
     invalid = Entry(0, 0, letter(dlq.INVALID_EVENT, value=b"\xffnot json", rule=None))
-    assert "invalid_event" in str(_plan(invalid, False, {}))
-    plan = _plan(invalid, True, {})
+    assert "invalid_event" in str(_plan(invalid, "fake", False, {}))
+    plan = _plan(invalid, "fake", True, {})
     assert not isinstance(plan, str)
     assert plan.value == b"\xffnot json"
     assert plan.key is None
     assert plan.headers == [("replay_of", b"0:0")]
-    assert _plan(Entry(0, 1, None, "empty record"), True, {}) == "not a dead letter (empty record)"
+    assert (
+        _plan(Entry(0, 1, None, "empty record"), "fake", True, {})
+        == "not a dead letter (empty record)"
+    )
     empty = dlq.DeadLetter(sink="fake", reason=dlq.MAPPING_ERROR, detail="d", event_id="e")
-    assert _plan(Entry(0, 2, empty), True, {}) == "the dead letter holds no original event"
+    assert _plan(Entry(0, 2, empty), "fake", True, {}) == "the dead letter holds no original event"
 
 
 class Tty(io.StringIO):
@@ -251,3 +254,36 @@ def test_progress_bar_draws_in_place_and_keeps_notes_readable() -> None:
     bar.note("a note")
     bar.close()
     assert quiet.getvalue() == "a note\n"
+
+
+def test_plans_skip_letters_of_other_sinks_bad_base64_and_undecodable_events() -> None:
+    other = dlq.DeadLetter(sink="beta", reason=dlq.MAPPING_ERROR, detail="d", event_id="e2")
+    assert _plan(Entry(0, 0, other), "fake", True, {}) == "a dead letter of sink 'beta', not 'fake'"
+    bad_b64 = dlq.DeadLetter(
+        sink="fake", reason=dlq.RETRIES_EXHAUSTED, detail="d", event_id="e8", event_b64="abc"
+    )
+    assert _plan(Entry(0, 1, bad_b64), "fake", False, {}) == "its event_b64 is not base64"
+    garbage = letter(dlq.MAPPING_ERROR, value=b"garbage2", rule=None)
+    assert "not a canonical event" in str(_plan(Entry(0, 2, garbage), "fake", False, {}))
+    assert not isinstance(_plan(Entry(0, 2, garbage), "fake", True, {}), str)
+
+
+def test_odd_letters_are_listed_not_raised() -> None:
+    from router.dlq_tools import _to_entry, iso_ms, parse_reasons, parse_timeout
+
+    assert iso_ms(10**16) == "10000000000000000 (not a time)"
+    deep = b'{"sink":"fake","reason":"rejected_by_api","detail":"d","payload":' + b"[" * 1000
+    deep += b"]" * 1000 + b"}"
+
+    class Record:
+        partition, offset, value = 0, 5, deep
+
+    entry = _to_entry(Record())
+    assert entry.letter is None
+    assert entry.error == "not a dead letter: nested too deeply"
+    with pytest.raises(ValueError, match="empty reason"):
+        parse_reasons([""])
+    for text in ("nan", "0", "-1", "inf", "soon"):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            parse_timeout(text)
+    assert dlq.event_fields(b"[" * 1200 + b"]" * 1200).keys() == {"event_b64"}
