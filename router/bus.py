@@ -37,6 +37,7 @@ from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
     UnknownProducerId,
@@ -192,6 +193,7 @@ class KafkaBus:
         self._partition_locks: dict[int, asyncio.Lock] = {}
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not started")
         self._replacing: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     def _new_producer(self) -> Any:
         s = self._settings
@@ -244,11 +246,12 @@ class KafkaBus:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Flush what is buffered and close, waiting at most ``grace_s`` for each step."""
-        replacing, self._replacing = self._replacing, None
-        if replacing is not None:
-            replacing.cancel()
-            with contextlib.suppress(BaseException):
-                await replacing
+        for task in (self._replacing, self._refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._replacing = self._refreshing = None
         producer, self._producer = self._producer, None
         if producer is None:
             return
@@ -289,10 +292,50 @@ class KafkaBus:
                 await self._publish(producer, records)
         except TimeoutError:
             raise PublishError(f"kafka did not acknowledge within {self._timeout:g}s") from None
+        except MessageSizeTooLargeError:
+            # The topic's max.message.bytes (a topic made elsewhere may be smaller than
+            # kafka.max_message_bytes) refuses it for good: retrying the same request cannot help.
+            raise RecordTooLarge(
+                f"kafka refused the request's {len(records)} event(s) as larger than the topic "
+                "accepts (max.message.bytes); send smaller events or fewer per request"
+            ) from None
         except KafkaError as exc:
             if isinstance(exc, FATAL_PRODUCER_ERRORS):
                 self._replace(producer, exc)
             raise PublishError(f"kafka error: {exc!r}") from exc
+        except Exception as exc:
+            # aiokafka raises plain errors too: AssertionError("Unrecognized partition") once
+            # the topic was re-created with fewer partitions than we picked from. Whatever it
+            # is, the client gets 503 (retrying is safe: same ids), and the partitions are
+            # read again in case they changed.
+            log.error("publish failed unexpectedly: %r; refreshing the topic's partitions", exc)
+            self._refresh_partitions(producer)
+            raise PublishError(f"kafka client error: {exc!r}") from exc
+
+    def _refresh_partitions(self, producer: Any) -> None:
+        """Read the topic's partitions again (once at a time), in the background."""
+        if self._refreshing is not None:
+            return
+
+        async def refresh() -> None:
+            try:
+                await producer.client.force_metadata_update()
+                partitions = await producer.partitions_for(self._topic)
+                if partitions and sorted(partitions) != self._partitions:
+                    log.warning(
+                        "topic %s now has %d partitions (was %d)",
+                        self._topic,
+                        len(partitions),
+                        len(self._partitions),
+                    )
+                    self._partitions = sorted(partitions)
+                    self._key_partition.clear()
+            except Exception as exc:
+                log.warning("could not refresh the partitions of %s: %r", self._topic, exc)
+            finally:
+                self._refreshing = None
+
+        self._refreshing = asyncio.create_task(asyncio.wait_for(refresh(), timeout=15))
 
     def _replace(self, broken: Any, exc: KafkaError) -> None:
         """Start replacing ``broken`` with a new producer (once; publishes go on failing fast)."""

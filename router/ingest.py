@@ -248,6 +248,13 @@ async def _outcome_middleware(request: web.Request, handler: _Handler) -> web.St
                     response.headers[name] = exc.headers[name]
         else:
             raise
+    except Exception:
+        # A bug, not the client's doing: logged with its traceback, answered as JSON like every
+        # other error, and counted (aiohttp's own 500 bypassed the request metric).
+        log.exception("unexpected error handling %s %s", request.method, route_name)
+        response = error_response(
+            500, "internal_error", "Unexpected error; retry the request (re-sending is safe)"
+        )
     metrics.request(route_name, str(response.status)).inc()
     return response
 

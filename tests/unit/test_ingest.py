@@ -571,3 +571,71 @@ async def test_an_integration_key_that_is_not_utf8_is_unauthorized(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert b'"error":"unauthorized"' in answer
+
+
+# ---- what a Kafka client can throw besides KafkaError (found by review) ------------------------
+
+
+class _Producer:
+    """Stands in for aiokafka's producer: send() raises what it is given."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.refreshed = 0
+
+        class _Client:
+            async def force_metadata_update(inner: Any) -> bool:
+                self.refreshed += 1
+                return True
+
+        self.client = _Client()
+
+    async def send(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1}
+
+
+def _kafka_bus(error: BaseException) -> tuple[Any, _Producer]:
+    from router.bus import KafkaBus
+
+    kafka_bus = KafkaBus(settings().kafka)
+    producer = _Producer(error)
+    kafka_bus._producer = producer
+    kafka_bus._partitions = [0, 1, 2, 3, 4, 5]  # before the topic was re-created with 2
+    return kafka_bus, producer
+
+
+async def test_an_unexpected_client_error_is_a_publish_error_and_the_partitions_are_reread() -> (
+    None
+):
+    from router.events import decode_webhook, to_record
+
+    kafka_bus, producer = _kafka_bus(AssertionError("Unrecognized partition"))
+    record = to_record(decode_webhook(GUIDE_VIEWED, 1))
+    with pytest.raises(PublishError, match="Unrecognized partition"):
+        await kafka_bus.publish([record])
+    await asyncio.sleep(0.05)  # the background refresh
+    assert producer.refreshed == 1
+    assert kafka_bus._partitions == [0, 1]
+
+
+async def test_a_size_kafka_refuses_is_413_not_503_forever() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    from router.events import decode_webhook, to_record
+
+    kafka_bus, _ = _kafka_bus(MessageSizeTooLargeError())
+    with pytest.raises(RecordTooLarge, match=r"max\.message\.bytes"):
+        await kafka_bus.publish([to_record(decode_webhook(GUIDE_VIEWED, 1))])
+
+
+async def test_an_unexpected_error_is_a_counted_json_500(
+    client: TestClient[Any, Any], bus: MemoryBus
+) -> None:
+    bus.fail = RuntimeError("a bug")  # type: ignore[assignment]
+    response = await client.post("/webhooks/pendo", data=GUIDE_VIEWED, headers=signed(GUIDE_VIEWED))
+    await error_of(response, 500, "internal_error")
+    text = await (await client.get("/metrics")).text()
+    assert 'router_ingest_requests_total{route="/webhooks/pendo",status="500"} 1.0' in text
