@@ -139,7 +139,7 @@ class AmplitudeEmulator:
     ledger: list[Ingested] = field(default_factory=list)
     requests: list[tuple[str, int, int]] = field(default_factory=list)  # (path, status, events)
     duplicates: int = 0
-    _seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    _seen: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (app, device, id)
     _recent: dict[tuple[str, str], deque[float]] = field(default_factory=lambda: defaultdict(deque))
     _throttled_until: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -303,11 +303,15 @@ class AmplitudeEmulator:
                 self._recent[id_key].append(now)
             insert_id = event.get("insert_id")
             if insert_id is not None:
-                seen = self._seen.get((device, insert_id))
+                # "same insert_id on the same device_id within 7 days (per app)": an app is an
+                # API key here.
+                dedup_key = (api_key, device, insert_id)
+                seen = self._seen.get(dedup_key)
                 if seen is not None and now - seen < DEDUP_S:
                     self.duplicates += 1
                     continue
-                self._seen[(device, insert_id)] = now
+                self._seen[dedup_key] = now
+            event = _within_limits(event)
             self.ledger.append(
                 Ingested(
                     api.name,
@@ -398,5 +402,44 @@ def _default_body(status: int) -> bytes:
         413: "Payload too large",
         429: "Too many requests for some devices and users",
     }
-    answer = {"code": status, "error": errors.get(status, "Internal server error")}
+    answer: dict[str, Any] = {"code": status, "error": errors.get(status, "Internal server error")}
+    if status == 429:  # the contract's whole shape, not just its first two keys
+        answer |= {
+            "eps_threshold": 30,
+            "throttled_devices": {},
+            "throttled_users": {},
+            "throttled_events": [],
+        }
     return msgspec.json.encode(answer)
+
+
+# "All string values <= 1024 chars; ... groups <= 5 types / 10 values (extra ignored)."
+MAX_STRING = 1024
+MAX_GROUP_TYPES = 5
+MAX_GROUP_VALUES = 10
+
+
+def _within_limits(event: dict[str, Any]) -> dict[str, Any]:
+    """The event as stored: longer strings cut at 1,024 characters, extra groups ignored.
+
+    Stored, not refused: the contract names limits without a refusal, so what exceeds them is
+    not what the project keeps (a test comparing what arrived sees the cut).
+    """
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str):
+            return value[:MAX_STRING]
+        if isinstance(value, dict):
+            return {key: cut(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [cut(item) for item in value]
+        return value
+
+    stored: dict[str, Any] = cut(event)
+    groups = stored.get("groups")
+    if isinstance(groups, dict):
+        stored["groups"] = {
+            name: values[:MAX_GROUP_VALUES] if isinstance(values, list) else values
+            for name, values in list(groups.items())[:MAX_GROUP_TYPES]
+        }
+    return stored

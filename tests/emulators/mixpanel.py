@@ -227,15 +227,22 @@ class MixpanelEmulator:
             return raw
         if encoding != "gzip":
             raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            body = inflater.decompress(raw, BODY_LIMIT + 1)
-        except zlib.error as exc:
-            raise BadRequest(f"invalid gzip body: {exc}") from None
-        if len(body) > BODY_LIMIT:
-            raise _TooLarge
-        if not inflater.eof:
-            raise BadRequest("invalid gzip body: truncated")
+        # Every gzip member counts: the limit is on the uncompressed size of the whole body.
+        body = b""
+        rest = raw
+        while rest:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                body += inflater.decompress(rest, BODY_LIMIT + 1 - len(body))
+            except zlib.error as exc:
+                raise BadRequest(f"invalid gzip body: {exc}") from None
+            if len(body) > BODY_LIMIT:
+                raise _TooLarge
+            if not inflater.eof:
+                if inflater.unconsumed_tail:  # stopped at the limit with more to come
+                    raise _TooLarge
+                raise BadRequest("invalid gzip body: truncated")
+            rest = inflater.unused_data
         return body
 
     @staticmethod
@@ -294,7 +301,7 @@ class MixpanelEmulator:
             if failure is not None:
                 failures.append(failure)
                 continue
-            event = msgspec.json.decode(raw)
+            event = _truncated(msgspec.json.decode(raw))
             properties = event["properties"]
             self.received.append(event)
             key = (
@@ -401,3 +408,17 @@ def _nesting_problem(properties: dict[str, Any]) -> tuple[str, str] | None:
             return path, f"must have fewer than {MAX_KEYS} {what}"
         stack.extend((p, v, depth + 1) for p, v in children)
     return None
+
+
+#: "strings are truncated to 255 chars" (contract §2a): what Mixpanel keeps is cut there.
+MAX_STRING = 255
+
+
+def _truncated(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:MAX_STRING]
+    if isinstance(value, dict):
+        return {key: _truncated(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_truncated(item) for item in value]
+    return value

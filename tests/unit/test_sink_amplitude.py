@@ -924,3 +924,36 @@ def test_a_key_from_env_is_scrubbed_by_the_sink_itself(monkeypatch: pytest.Monke
         other = sink.classify(request, response(status, {"error": "env-secret-key-123"}))
         assert isinstance(other, Retry | Reject)
         assert "env-secret-key-123" not in other.reason
+
+
+async def test_emulator_dedup_is_per_app_and_limits_are_applied_to_what_is_kept(
+    http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    emulator = AmplitudeEmulator(api_keys={API_KEY, "another-app-key"}, clock=clock)
+    server = TestServer(emulator.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        for key in (API_KEY, "another-app-key"):  # the same insert_id in two apps: both kept
+            assert (await post(http, server, "/2/httpapi", {"api_key": key, "events": [ev(1)]}))[
+                0
+            ] == 200
+        assert len(emulator.ledger) == 2
+        groups = {f"type{i}": [f"v{j}" for j in range(12)] for i in range(7)}
+        long = ev(2, event_properties={"long": "x" * 5000}, groups=groups)
+        assert (await post(http, server, "/2/httpapi", {"api_key": API_KEY, "events": [long]}))[
+            0
+        ] == 200
+        kept = emulator.ledger[-1].event
+        assert len(kept["event_properties"]["long"]) == 1024
+        assert len(kept["groups"]) == 5
+        assert all(len(values) == 10 for values in kept["groups"].values())
+        emulator.script = [Fault(429)]
+        status, body = await post(
+            http, server, "/2/httpapi", {"api_key": API_KEY, "events": [ev(3)]}
+        )
+        assert status == 429
+        assert {"eps_threshold", "throttled_devices", "throttled_users", "throttled_events"} <= set(
+            body
+        )
+    finally:
+        await server.close()

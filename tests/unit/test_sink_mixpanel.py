@@ -889,3 +889,20 @@ async def test_pause_and_split_over_http(emulator: tuple[MixpanelEmulator, str])
     assert isinstance(good_sink.classify(request, await send(request, url)), Split)
     outcome = good_sink.classify(request, await send(request, url))
     assert outcome == Retry(outcome.reason, 7.0) if isinstance(outcome, Retry) else False
+
+
+async def test_emulator_counts_every_gzip_member_and_keeps_255_characters(
+    emulator: tuple[MixpanelEmulator, str],
+) -> None:
+    emu, url = emulator
+    one = msgspec.json.encode([good(0)])
+    # Two members whose whole is over 2 MB uncompressed: only the first was measured before.
+    two = gzip.compress(one) + gzip.compress(b" " * 2_100_000)
+    headers = {**sa_auth(emu), "Content-Encoding": "gzip"}
+    assert (await post(url, two, headers))[0] == 413
+    both = gzip.compress(one[:-1] + b",") + gzip.compress(msgspec.json.encode(good(1))[:] + b"]")
+    assert (await post(url, both, headers))[0] == 200
+    assert emu.insert_ids() == ["id-0", "id-1"]
+    # "strings are truncated to 255 chars": what is kept is cut there.
+    await post(url, [good(2, guide_name="g" * 300)], sa_auth(emu))
+    assert emu.received[-1]["properties"]["guide_name"] == "g" * 255
