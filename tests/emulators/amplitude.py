@@ -45,6 +45,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from tests.emulators import cut_strings
+
 V2_PATH = "/2/httpapi"
 BATCH_PATH = "/batch"
 V2_MAX_BYTES = 1_000_000  # "< 1 MB": 1,000,000 bytes and more is too large
@@ -425,17 +427,7 @@ def _within_limits(event: dict[str, Any]) -> dict[str, Any]:
     Stored, not refused: the contract names limits without a refusal, so what exceeds them is
     not what the project keeps (a test comparing what arrived sees the cut).
     """
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, str):
-            return value[:MAX_STRING]
-        if isinstance(value, dict):
-            return {key: cut(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [cut(item) for item in value]
-        return value
-
-    stored: dict[str, Any] = cut(event)
+    stored: dict[str, Any] = cut_strings(event, MAX_STRING)
     groups = stored.get("groups")
     if isinstance(groups, dict):
         stored["groups"] = {

@@ -37,6 +37,8 @@ from urllib.parse import parse_qs
 import msgspec
 from aiohttp import web
 
+from tests.emulators import cut_strings
+
 BODY_LIMIT = 2_097_152  # bytes, uncompressed (the OpenAPI and 413 example)
 MAX_EVENTS = 2000
 MAX_EVENT_BYTES = 1_000_000  # "smaller than 1MB" (10^6, the stricter reading)
@@ -301,7 +303,7 @@ class MixpanelEmulator:
             if failure is not None:
                 failures.append(failure)
                 continue
-            event = _truncated(msgspec.json.decode(raw))
+            event = cut_strings(msgspec.json.decode(raw), MAX_STRING)
             properties = event["properties"]
             self.received.append(event)
             key = (
@@ -412,13 +414,3 @@ def _nesting_problem(properties: dict[str, Any]) -> tuple[str, str] | None:
 
 #: "strings are truncated to 255 chars" (contract §2a): what Mixpanel keeps is cut there.
 MAX_STRING = 255
-
-
-def _truncated(value: Any) -> Any:
-    if isinstance(value, str):
-        return value[:MAX_STRING]
-    if isinstance(value, dict):
-        return {key: _truncated(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_truncated(item) for item in value]
-    return value
