@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -91,25 +92,79 @@ def _require_json(request: web.Request) -> None:
         )
 
 
+# zlib window bits per Content-Encoding: gzip, and deflate as zlib (RFC 9110) or raw.
+_ENCODINGS: dict[str, tuple[int, ...]] = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
+}
+
+
+def _too_large(limit: int) -> Rejected:
+    return Rejected(
+        error_response(
+            413,
+            "body_too_large",
+            f"The request body (decompressed) exceeds the limit of {limit} bytes",
+        ),
+        "too_large",
+    )
+
+
+def _unreadable(reason: str) -> Rejected:
+    return Rejected(
+        error_response(400, "unreadable_body", f"The request body cannot be read: {reason}"),
+        "unreadable_body",
+    )
+
+
+def _inflate(raw: bytes, wbits: int, limit: int) -> bytes:
+    """Decompress every member of ``raw`` (gzip may concatenate them), at most ``limit`` bytes."""
+    body = b""
+    rest = raw
+    while rest:
+        inflater = zlib.decompressobj(wbits)
+        body += inflater.decompress(rest, limit + 1 - len(body))
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise _too_large(limit)
+        if not inflater.eof:
+            raise zlib.error("truncated")
+        rest = inflater.unused_data
+    return body
+
+
 async def _read_body(request: web.Request) -> bytes:
+    """The request body, decompressed.
+
+    Here rather than by aiohttp, whose parser answers an encoding it cannot decode (br, zstd)
+    with a plain-text 400 before the app runs.
+    """
+    limit = request.app[SETTINGS].ingest.max_body_bytes
     try:
-        return await request.read()
+        raw = await request.read()  # client_max_size bounds what was sent
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].ingest.max_body_bytes
+        raise _too_large(limit) from None
+    except RequestPayloadError as exc:  # a truncated upload
+        raise _unreadable(str(exc)) from None
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    attempts = _ENCODINGS.get(encoding)
+    if attempts is None:
         raise Rejected(
             error_response(
-                413,
-                "body_too_large",
-                f"The request body (decompressed) exceeds the limit of {limit} bytes",
+                415,
+                "unsupported_encoding",
+                f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none",
             ),
-            "too_large",
-        ) from None
-    except RequestPayloadError as exc:
-        # A truncated upload or a Content-Encoding that does not decode (corrupt gzip).
-        raise Rejected(
-            error_response(400, "unreadable_body", f"The request body cannot be read: {exc}"),
-            "unreadable_body",
-        ) from None
+            "content_encoding",
+        )
+    for wbits in attempts:
+        try:
+            return _inflate(raw, wbits, limit)
+        except zlib.error as exc:
+            problem = str(exc)
+    raise _unreadable(f"{encoding}: {problem}")
 
 
 def _unauthorized(message: str, reason: str) -> Rejected:
@@ -262,7 +317,9 @@ async def _outcome_middleware(request: web.Request, handler: _Handler) -> web.St
 def create_app(settings: Settings, bus: EventBus | None = None) -> web.Application:
     """Build the ingest app; with no bus given, a Kafka bus is started and stopped with it."""
     app = web.Application(
-        client_max_size=settings.ingest.max_body_bytes, middlewares=[_outcome_middleware]
+        client_max_size=settings.ingest.max_body_bytes,
+        middlewares=[_outcome_middleware],
+        handler_args={"auto_decompress": False},  # see _read_body
     )
     app[SETTINGS] = settings
     state = app[STATE] = IngestState(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -639,3 +640,36 @@ async def test_an_unexpected_error_is_a_counted_json_500(
     await error_of(response, 500, "internal_error")
     text = await (await client.get("/metrics")).text()
     assert 'router_ingest_requests_total{route="/webhooks/pendo",status="500"} 1.0' in text
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br"])
+async def test_an_encoding_we_do_not_decode_is_a_json_415(
+    client: TestClient[Any, Any], encoding: str
+) -> None:
+    # aiohttp's parser answered br and zstd with a plain-text 400 before the app ran.
+    headers = {**signed(GUIDE_VIEWED), "Content-Encoding": encoding}
+    response = await client.post("/webhooks/pendo", data=GUIDE_VIEWED, headers=headers)
+    error = await error_of(response, 415, "unsupported_encoding")
+    assert encoding in error["message"]
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+async def test_deflate_is_accepted_in_both_forms(
+    client: TestClient[Any, Any], bus: MemoryBus, wbits: int
+) -> None:
+    packer = zlib.compressobj(wbits=wbits)
+    body = packer.compress(GUIDE_VIEWED) + packer.flush()
+    headers = {**signed(GUIDE_VIEWED), "Content-Encoding": "deflate"}
+    response = await client.post("/webhooks/pendo", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+    assert len(bus.records) == 1
+
+
+async def test_gzip_members_count_together_toward_the_limit(client: TestClient[Any, Any]) -> None:
+    half = b" " * 3000  # two members of 3,000 bytes each, over the 4,096-byte test limit
+    body = gzip.compress(b'{"event":"guideDisplayed","timestamp":1' + half) + gzip.compress(
+        half + b"}"
+    )
+    headers = {**signed(gzip.decompress(body)), "Content-Encoding": "gzip"}
+    response = await client.post("/webhooks/pendo", data=body, headers=headers)
+    await error_of(response, 413, "body_too_large")
