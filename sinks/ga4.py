@@ -45,8 +45,8 @@ in the query string, so ``secrets()`` lists it raw and URL-quoted for redaction.
 Debug validation (``validate_with_debug_endpoint``): ``preflight(request)`` gives the same
 request for ``/debug/mp/collect`` and ``classify`` reads its ``validationMessages`` (none:
 ``Delivered``, i.e. valid; messages naming an event: ``Partial`` rejecting those events; others:
-``Reject``). Sending the preflight before the real request is the delivery layer's job, which it
-does not do yet: until it does, ``create`` refuses the option rather than silently not validating.
+``Reject``; a 2xx that is not a debug answer: ``Retry``). The delivery layer sends the preflight
+before the real request, and only what it lets through goes to ``/mp/collect``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from router.delivery.sink import (
     Partial,
     Prepared,
     Reject,
+    Retry,
     SinkLimits,
     classify_by_status,
     endpoint_url,
@@ -647,7 +648,9 @@ def _classify_validation(request: HttpRequest, response: HttpResponse) -> Outcom
     answer = json_answer(response.body)
     messages = answer.get("validationMessages") if isinstance(answer, dict) else None
     if not isinstance(messages, list):
-        return Reject(f"debug endpoint: no validationMessages in {excerpt(response.body, 200)}")
+        # A 2xx that is not the debug endpoint's answer judged no event: try again later
+        # rather than dead-letter events GA4 never looked at.
+        return Retry(f"debug endpoint: no validationMessages in {excerpt(response.body, 200)}")
     if not messages:
         return Delivered()
     # One event per item: the event at index N of the body is the request's item N.

@@ -202,6 +202,7 @@ PAUSE_CODES: Final = frozenset(
         "access_denied",
         "team_access_not_granted",
         "org_login_required",
+        "team_added_to_org",  # a migration to an Enterprise org: temporary, workspace-wide
         "two_factor_setup_required",
         "enterprise_is_restricted",
         "ekm_access_denied",
@@ -232,8 +233,19 @@ RETRY_CODES: Final = frozenset(
 DEFAULT_RATE_LIMIT_WAIT_S: Final = 1.0
 
 
+#: restricted_action variants about one message's thread_ts (a reply into a non-threadable
+#: channel, a top-level message into a thread-only one): that message is at fault, not the
+#: channel, and pausing would stall every channel behind it.
+# ref: https://github.com/slack-ruby/slack-api-ref/blob/master/methods/chat/chat.postMessage.json
+MESSAGE_RESTRICTIONS: Final = frozenset(
+    {"restricted_action_non_threadable_channel", "restricted_action_thread_only_channel"}
+)
+
+
 def verdict_for_code(code: str) -> str:
     """``"reject"``, ``"pause"`` or ``"retry"`` for a Slack error code; unknown codes reject."""
+    if code in MESSAGE_RESTRICTIONS:
+        return "reject"
     if code in PAUSE_CODES or code.startswith("restricted_action"):
         return "pause"
     if code in RETRY_CODES:
@@ -411,6 +423,10 @@ class SlackSink:
             return Pause(f"{detail} (webhook_url does not answer as a Slack webhook)")
         if status >= 500:
             return Retry(detail, retry_after)
+        if code == "user_not_found":
+            # A webhook request names no user (the sink strips channel and username): the user
+            # that is missing is the webhook's own destination, as with channel_not_found.
+            return Pause(f"{detail} (check sinks.slack.webhook_url and its destination)")
         if code in REJECT_CODES or code in PAUSE_CODES or code in RETRY_CODES:
             verdict = verdict_for_code(code)
             if verdict == "retry":

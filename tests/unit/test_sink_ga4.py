@@ -569,7 +569,9 @@ def test_classify_reads_the_debug_endpoints_validation_messages() -> None:
     whole = {"fieldPath": "client_id", "description": "missing", "validationCode": "VALUE_REQUIRED"}
     rejected = s.classify(debug_request(), response(200, _messages(bad_name, whole)))
     assert rejected == Reject("GA4 validation: VALUE_REQUIRED: missing")
-    assert isinstance(s.classify(debug_request(), response(200, b"<html>")), Reject)
+    # A 2xx that is not the debug endpoint's answer judged nothing: retried, not dead-lettered.
+    assert isinstance(s.classify(debug_request(), response(200, b"<html>")), Retry)
+    assert isinstance(s.classify(debug_request(), response(200, b"{}")), Retry)
     # An index beyond the request's items is not trusted to name an item.
     beyond = {**bad_name, "description": "Event at index: [7] has invalid name [_x]."}
     assert isinstance(s.classify(debug_request(), response(200, _messages(beyond))), Reject)

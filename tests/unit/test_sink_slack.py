@@ -363,6 +363,16 @@ def test_api_pause_codes(code: str) -> None:
     assert code in outcome.reason
 
 
+@pytest.mark.parametrize(
+    "code", ["restricted_action_non_threadable_channel", "restricted_action_thread_only_channel"]
+)
+def test_a_thread_restriction_rejects_that_message_and_does_not_pause_the_sink(code: str) -> None:
+    # About one message's thread_ts, not the channel: pausing stalled every channel for good.
+    outcome = api_sink().classify(REQUEST, response(200, ok_false(code)))
+    assert isinstance(outcome, Reject)
+    assert code in outcome.reason
+
+
 @pytest.mark.parametrize("code", sorted(RETRY_CODES))
 def test_api_retry_codes(code: str) -> None:
     outcome = api_sink().classify(REQUEST, response(200, ok_false(code), retry_after="4"))
@@ -427,7 +437,7 @@ def test_api_classify() -> None:
         (400, b"too_many_attachments", Reject),
         (400, b"msg_too_long", Reject),
         (400, b"invalid_blocks", Reject),
-        (400, b"user_not_found", Reject),
+        (400, b"user_not_found", Pause),  # the webhook's own destination: no user is sent
         (403, b"action_prohibited", Pause),
         (404, b"channel_not_found", Pause),
         (410, b"channel_is_archived", Pause),
