@@ -296,6 +296,13 @@ class SinkConsumer:
                 await asyncio.wait_for(consumer.stop(), timeout=10)
             except (TimeoutError, KafkaError) as exc:
                 log.warning("consumer stop incomplete: %r", exc)
+            except asyncio.CancelledError:
+                # aiokafka's Fetcher.close re-raises its own fetch task's cancellation while
+                # Kafka is down; ours (a second SIGTERM's) must still propagate.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                log.warning("consumer stop incomplete: aiokafka's fetcher was cancelled")
         if self._producer is not None:
             try:
                 await asyncio.wait_for(self._producer.stop(), timeout=10)

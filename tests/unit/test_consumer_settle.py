@@ -156,3 +156,32 @@ async def test_one_failure_between_successes_keeps_its_backoff_an_outage_does_no
     await made._settle(Delivered(), [back], 200, b"")  # after two failures: a recovery
     assert made._scheduled == []
     assert sorted(item.ticket.offset for batch in made._ready for item in batch) == [1, 3, 4]
+
+
+async def test_shutdown_survives_aiokafkas_own_cancellation_while_kafka_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiokafka's Fetcher.close re-raises its fetch task's CancelledError when Kafka is down:
+    # SIGTERM then ended with a traceback and exit 1, the DLQ producer never stopped.
+    made, _ = consumer()
+    stopped: list[str] = []
+
+    class _Kafka:
+        def assignment(self) -> set[TopicPartition]:
+            return set()
+
+        def pause(self, *partitions: TopicPartition) -> None:
+            pass
+
+        async def stop(self) -> None:
+            raise asyncio.CancelledError
+
+    class _Producer:
+        async def stop(self) -> None:
+            stopped.append("producer")
+
+    made._consumer = _Kafka()  # type: ignore[assignment]
+    made._producer = _Producer()  # type: ignore[assignment]
+    await made.shutdown()
+    assert stopped == ["producer"]
+    assert "aiokafka's fetcher was cancelled" in caplog.text

@@ -42,8 +42,13 @@ def test_k8s_probes_hit_real_routes() -> None:
         for r in create_app(load_settings(None, {})).router.routes()
         if r.resource is not None
     }
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["path"] in routes
+    # The port opens once Kafka answers (kafka.startup_timeout_s): the startup probe must wait
+    # that long, or a Kafka outage at deploy time becomes a restart loop.
+    startup = container["startupProbe"]
+    waits_s = startup["periodSeconds"] * startup["failureThreshold"]
+    assert waits_s > load_settings(None, {}).kafka.startup_timeout_s
 
 
 def test_systemd_unit_runs_the_console_script() -> None:
