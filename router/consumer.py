@@ -200,6 +200,7 @@ class SinkConsumer:
         self._dispatch_done = False
         self._full_since: float | None = None
         self._failed_since_success = 0
+        self._kafka_checked: tuple[float, str] = (0.0, "not started")
         self._log_throttle = _LogThrottle()
         self._producer_lock = asyncio.Lock()
         self.health = "not run"
@@ -314,6 +315,22 @@ class SinkConsumer:
         log.info(
             "sink %s stopped; %d event(s) left uncommitted for redelivery", self.sink.name, pending
         )
+
+    async def kafka_reachable(self) -> str:
+        """Whether Kafka answers a metadata round trip: "ok" or why not (cached for a second)."""
+        now = time.monotonic()
+        if now - self._kafka_checked[0] < 1.0:
+            return self._kafka_checked[1]
+        consumer = self._consumer
+        verdict = "not started"
+        if consumer is not None:
+            try:
+                await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout=2)
+                verdict = "ok"
+            except (TimeoutError, KafkaError, OSError) as exc:
+                verdict = f"kafka unreachable: {exc.__class__.__name__}"
+        self._kafka_checked = (time.monotonic(), verdict)
+        return verdict
 
     # ---- Kafka in ------------------------------------------------------------------------
 

@@ -29,9 +29,11 @@ def health_app(consumer: SinkConsumer, registry: CollectorRegistry) -> web.Appli
         return web.json_response({"status": "ok", "state": consumer.state})
 
     async def readyz(request: web.Request) -> web.Response:
-        ready = consumer.started and not consumer.stopping
+        kafka = await consumer.kafka_reachable() if consumer.started else "not started"
+        ready = consumer.started and not consumer.stopping and kafka == "ok"
         body = {
             "status": "ready" if ready else "unavailable",
+            "kafka": kafka,
             "state": consumer.state,
             "ruleset": consumer.rules.current.hash,
             "inflight_events": consumer.inflight_events,

@@ -54,6 +54,7 @@ async def check_health_endpoints(port: int) -> None:
             ready = await response.json()
             assert ready["status"] == "ready"
             assert ready["state"] == "healthy"
+            assert ready["kafka"] == "ok"
             assert len(ready["ruleset"]) == 16
         async with session.get(base + "/metrics") as response:
             text = await response.text()

@@ -185,3 +185,39 @@ async def test_shutdown_survives_aiokafkas_own_cancellation_while_kafka_is_down(
     await made.shutdown()
     assert stopped == ["producer"]
     assert "aiokafka's fetcher was cancelled" in caplog.text
+
+
+async def test_readyz_says_when_kafka_does_not_answer(aiohttp_client: Any) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    from router.sink_runner import health_app
+
+    made, _ = consumer()
+
+    class _Client:
+        answers = False
+
+        async def fetch_all_metadata(self) -> None:
+            if not self.answers:
+                raise KafkaConnectionError("down")
+
+    class _Kafka:
+        _client = _Client()
+
+    class _Rules:
+        class current:
+            hash = "0123456789abcdef"
+
+    made._consumer = _Kafka()  # type: ignore[assignment]
+    made.rules = _Rules()  # type: ignore[assignment]
+    made.started = True
+    client = await aiohttp_client(health_app(made, CollectorRegistry()))
+    response = await client.get("/readyz")
+    assert response.status == 503  # was 200 "ready" through a whole Kafka outage
+    assert (await response.json())["kafka"] == "kafka unreachable: KafkaConnectionError"
+    assert (await client.get("/healthz")).status == 200  # alive all the same
+    _Kafka._client.answers = True
+    made._kafka_checked = (0.0, "")  # past the one-second cache
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert (await response.json())["kafka"] == "ok"
