@@ -214,8 +214,42 @@ def _sink_problems(settings: Settings) -> list[str]:
     return problems
 
 
+class _StoppedEarly(Exception):
+    """SIGTERM/SIGINT before a long-running command installed its own handling."""
+
+
+@contextlib.contextmanager
+def _early_signals() -> Any:
+    """Until the command's event loop takes over SIGTERM/SIGINT, either one ends it quietly.
+
+    Start-up (imports, rules, sinks) takes up to a second; a signal then killed the process
+    with 143, or printed a KeyboardInterrupt traceback. The previous handlers come back after.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _StoppedEarly
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "up", "sink"):
+        try:
+            with _early_signals():
+                return _main(args)
+        except _StoppedEarly:
+            sys.stderr.write(f"router {args.command}: stopped during start-up\n")
+            return 0
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -245,3 +245,23 @@ def test_events_tail_without_kafka_is_one_line_not_a_traceback(
     monkeypatch.setenv("ROUTER_KAFKA__BOOTSTRAP_SERVERS", "a:b:c")  # passes the config check
     assert main(["events", "tail", "--count", "1"]) == 1
     assert "router events: cannot read from Kafka at a:b:c" in capsys.readouterr().err
+
+
+def test_a_signal_during_start_up_ends_a_long_running_command_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import signal
+
+    from router import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def starting(args: object) -> int:  # SIGTERM arrives while imports and rules load
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have ended start-up")
+
+    monkeypatch.setattr(cli, "_main", starting)
+    assert cli.main(["sink", "segment"]) == 0  # was killed with 143 (SIGINT: a traceback)
+    assert "router sink: stopped during start-up" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # handed back
