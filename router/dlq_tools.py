@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import re
 import signal
@@ -535,18 +534,30 @@ class Interruption:
 
     def __init__(self) -> None:
         self.requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+    def install(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Take SIGINT over, if this loop can (False otherwise).
+
+        Not outside the main thread, nor on a loop without signal support: Ctrl-C then stays
+        Python's KeyboardInterrupt.
+        """
+
         def on_sigint() -> None:
             self.requested = True
             loop.remove_signal_handler(signal.SIGINT)
 
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        try:
             loop.add_signal_handler(signal.SIGINT, on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return False
+        self._loop = loop
+        return True
 
-    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.remove_signal_handler(signal.SIGINT)
+    def uninstall(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGINT)  # False if on_sigint already did
+            self._loop = None
 
 
 @dataclass(frozen=True)
@@ -879,9 +890,8 @@ async def run(
                 err.write("router dlq: no dead letter matches\n")
                 return 1
             return 0
-        loop = asyncio.get_running_loop()
         interruption = Interruption()
-        interruption.install(loop)
+        interruption.install(asyncio.get_running_loop())
         try:
             result = await replay_letters(
                 settings,
@@ -896,7 +906,7 @@ async def run(
                 interruption=interruption,
             )
         finally:
-            interruption.uninstall(loop)
+            interruption.uninstall()
         out.write(result.summary() + "\n")
         out.flush()
         if result.interrupted:
