@@ -83,13 +83,15 @@ from common import (
     wait_http_ok,
 )
 
+sys.path.insert(0, str(ROOT))  # the repository: the emulators' shared sink settings
+from tests.emulators import sink_configs
+
 SINKS = ("segment", "mixpanel", "amplitude", "ga4", "slack")
 ROUTES = {  # load kind -> sinks its events reach (rules/*.yaml)
     "track": ("segment", "mixpanel", "amplitude", "ga4"),
     "guide": ("segment", "mixpanel", "ga4"),
     "nps": ("segment", "mixpanel", "amplitude", "slack"),
 }
-SLACK_HOOK_PATH = "/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"
 TAG = re.compile(r"bv-(\d{9})")
 METRICS = ("router_sink_dead_lettered_total", "router_sink_mapping_errors_total")
 METRICS += ("router_sink_retried_total",)
@@ -140,24 +142,7 @@ def write_config(workdir: Path, kafka: Kafka, run_id: str, ingest_port: int, emu
             "retry_topic": f"bench.e2e.{run_id}.retry.{{sink}}",
             "health_host": HOST,
         },
-        "sinks": {
-            "segment": {"endpoint": url["segment"], "write_key": "bench-write-key"},
-            "mixpanel": {
-                "endpoint": url["mixpanel"],
-                "project_id": "123456",
-                "service_account": {
-                    "username": "sa-user.123.mp-service-account",
-                    "secret": "sa-secret",
-                },
-            },
-            "amplitude": {"endpoint": url["amplitude"], "api_key": "test-amplitude-api-key"},
-            "ga4": {
-                "endpoint": url["ga4"],
-                "measurement_id": "G-BENCH00001",
-                "api_secret": "bench-api-secret",
-            },
-            "slack": {"webhook_url": url["slack"] + SLACK_HOOK_PATH},
-        },
+        "sinks": sink_configs(url),
     }
     path = workdir / "router.yaml"
     path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML

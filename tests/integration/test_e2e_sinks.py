@@ -33,6 +33,7 @@ from router.ingest import create_app
 from router.rules.live import LiveRules
 from router.signature import sign
 from router.sink_metrics import SinkMetrics
+from tests.emulators import SLACK_HOOK_PATH
 from tests.emulators import amplitude as amplitude_emulator
 from tests.emulators import ga4 as ga4_emulator
 from tests.emulators import mixpanel as mixpanel_emulator
@@ -60,9 +61,6 @@ def golden_bodies(sink: str) -> list[Any]:
 def by_content(messages: Any) -> dict[str, Any]:
     """Slack has no idempotency key: a message is known by its content."""
     return {json.dumps(m, sort_keys=True): m for m in messages}
-
-
-SLACK_HOOK_PATH = "/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"
 
 
 @dataclass
@@ -140,9 +138,13 @@ CASES = [
 ]
 
 
-def e2e_settings(broker: Broker) -> Any:
-    """A fresh topic, its own groups, DLQ and retry topics; the ingest's test secret and key."""
+def e2e_settings(broker: Broker, retry_base_s: str | None = "0.05") -> Any:
+    """A fresh topic, its own groups, DLQ and retry topics; the ingest's test secret and key.
+
+    ``retry_base_s``: fast retries by default; None keeps the configured default.
+    """
     topic = unique_topic()
+    fast = {} if retry_base_s is None else {"ROUTER_CONSUMER__RETRY_BASE_S": retry_base_s}
     return make_settings(
         broker,
         topic,
@@ -151,7 +153,7 @@ def e2e_settings(broker: Broker) -> Any:
         ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
         ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
         ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
-        ROUTER_CONSUMER__RETRY_BASE_S="0.05",
+        **fast,
     )
 
 
@@ -481,16 +483,7 @@ async def test_mixpanel_partial_400_dead_letters_with_mixpanels_reason(
     }
     server = TestServer(emulator.app(), host="127.0.0.1")
     await server.start_server()
-    topic = unique_topic()
-    settings = make_settings(
-        broker,
-        topic,
-        ROUTER_INGEST__WEBHOOK_SECRETS="e2e",
-        ROUTER_INGEST__INTEGRATION_KEYS="e2e-key",
-        ROUTER_CONSUMER__GROUP_PREFIX=f"{topic}-",
-        ROUTER_CONSUMER__DLQ_TOPIC=f"{topic}.dlq.{{sink}}",
-        ROUTER_CONSUMER__RETRY_TOPIC=f"{topic}.retry.{{sink}}",
-    )
+    settings = e2e_settings(broker, retry_base_s=None)
     client = await aiohttp_client(create_app(settings))
     await send_every_fixture(client)
     running = await start_sink(

@@ -46,6 +46,7 @@ from router.rules.engine import Failed, RuleSet
 from router.rules.loader import load_rules
 from router.settings import Settings
 from router.signature import sign
+from tests.emulators import SLACK_HOOK_PATH, sink_configs
 from tests.emulators import amplitude as amplitude_emulator
 from tests.emulators import ga4 as ga4_emulator
 from tests.emulators import mixpanel as mixpanel_emulator
@@ -63,7 +64,6 @@ KILLED = "mixpanel"  # its consumer process is killed with SIGKILL, then started
 OUTAGE = "segment"  # its emulator answers 503 for OUTAGE_S seconds
 WEBHOOK_SECRET = "pipeline-secret"
 INTEGRATION_KEY = "pipeline-key"
-SLACK_HOOK_PATH = "/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX"
 
 # The schedule, in seconds from the start of the load.
 KILL_AT = 2.0
@@ -96,27 +96,6 @@ GIVE_UP_AFTER_S = 60.0  # a request not accepted by then fails the test
 
 
 # ---- the broker, the processes and the emulators ----------------------------------------------
-
-
-def sink_configs(urls: dict[str, str]) -> dict[str, dict[str, Any]]:
-    return {
-        "segment": {"endpoint": urls["segment"], "write_key": "pipeline-write-key"},
-        "mixpanel": {
-            "endpoint": urls["mixpanel"],
-            "project_id": "123456",
-            "service_account": {
-                "username": "sa-user.123.mp-service-account",
-                "secret": "sa-secret",
-            },
-        },
-        "amplitude": {"endpoint": urls["amplitude"], "api_key": "test-amplitude-api-key"},
-        "ga4": {
-            "endpoint": urls["ga4"],
-            "measurement_id": "G-PIPELINE1",
-            "api_secret": "pipeline-api-secret",
-        },
-        "slack": {"webhook_url": urls["slack"] + SLACK_HOOK_PATH},
-    }
 
 
 @dataclass
