@@ -209,6 +209,57 @@ class SinkConsumer:
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Create the topics, start the dead-letter producer and join the group.
+
+        Retried until ``kafka.startup_timeout_s``, as the ingest does: a sink deployed before its
+        Kafka answers (a restarted cluster, a pod scheduled first) waits instead of exiting at once.
+        Whatever a failed or cancelled attempt started is closed before it goes on.
+        """
+        kafka = self.settings.kafka
+        deadline = time.monotonic() + kafka.startup_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._connect()
+                break
+            except (KafkaError, OSError, TimeoutError) as exc:
+                await self._close_clients()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KafkaError(
+                        f"kafka at {kafka.bootstrap_servers} not usable after {attempt} "
+                        f"attempts: {exc!r}"
+                    ) from exc
+                log.warning("kafka not ready (attempt %d): %r; retrying", attempt, exc)
+                await asyncio.sleep(min(2.0, remaining))
+            except BaseException:
+                await self._close_clients()
+                raise
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.sink.limits.timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.sink.limits.concurrency * 2),
+        )
+        self.started = True
+        self._set_state(HEALTHY)
+        log.info(
+            "sink %s consuming %s as group %s",
+            self.sink.name,
+            ", ".join(self.topics),
+            self.cfg.group_for(self.sink.name),
+        )
+
+    async def _close_clients(self) -> None:
+        """Close the Kafka clients a failed or cancelled start left behind (bounded, quiet)."""
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(consumer.stop(), timeout=5)
+        if producer is not None:
+            await stop_quietly(producer)
+
+    async def _connect(self) -> None:
         kafka = self.settings.kafka
         specs = [
             event_topic_spec(kafka),
@@ -242,18 +293,6 @@ class SinkConsumer:
         )
         self._consumer.subscribe(self.topics, listener=_Listener(self))
         await asyncio.wait_for(self._consumer.start(), timeout=30)
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.sink.limits.timeout_s),
-            connector=aiohttp.TCPConnector(limit=self.sink.limits.concurrency * 2),
-        )
-        self.started = True
-        self._set_state(HEALTHY)
-        log.info(
-            "sink %s consuming %s as group %s",
-            self.sink.name,
-            ", ".join(self.topics),
-            self.cfg.group_for(self.sink.name),
-        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then shut down in order (see :meth:`shutdown`)."""

@@ -66,7 +66,8 @@ class KafkaSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Upper bound on the wait for Kafka's acknowledgement of one request's events; past it the
     # client gets 503 + Retry-After (aiokafka's idempotent producer would otherwise wait forever).
     produce_timeout_ms: int = 10_000
-    # How long `router serve` keeps trying to reach Kafka and create its topics before giving up.
+    # How long `router serve` and `router sink` keep trying to reach Kafka and create their topics
+    # before giving up (exit 1).
     startup_timeout_s: float = 60.0
     # One produce request may carry a whole batch of 500 events; the broker's default
     # message.max.bytes is about 1 MiB.

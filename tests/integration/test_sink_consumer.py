@@ -157,18 +157,20 @@ class Running:
         await asyncio.wait_for(self.task, 30)
 
 
-async def start_consumer(settings: Settings, sink_name: str = "fake") -> Running:
+def make_consumer(settings: Settings, sink_name: str = "fake") -> SinkConsumer:
     sinks.load_plugins(settings.plugins)
     config = settings.sinks.get(sink_name, {})
-    sink = sinks.create(sink_name, config)
-    live = LiveRules(Path(settings.rules.dir) / f"{sink_name}.yaml")
-    consumer = SinkConsumer(
+    return SinkConsumer(
         settings,
-        sink,
-        live,
+        sinks.create(sink_name, config),
+        LiveRules(Path(settings.rules.dir) / f"{sink_name}.yaml"),
         SinkMetrics(sink_name, CollectorRegistry()),
         Redactor(secret_values(config)),
     )
+
+
+async def start_consumer(settings: Settings, sink_name: str = "fake") -> Running:
+    consumer = make_consumer(settings, sink_name)
     await consumer.start()
     stop = asyncio.Event()
     return Running(consumer, asyncio.create_task(consumer.run(stop)), stop)

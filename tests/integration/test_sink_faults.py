@@ -23,12 +23,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from router.settings import Settings
 from tests.fakes.destination import Destination, Fault
 from tests.integration.conftest import Broker, free_port, unique_topic
 from tests.integration.test_sink_consumer import (
     committed_count,
     committed_everything,
     dead_letters,
+    make_consumer,
     publish,
     rig_settings,
     start_consumer,
@@ -228,6 +230,53 @@ async def test_kafka_restarted_under_a_running_consumer(
         "kafka restart", events=1000, down_s=round(down_s, 1), duplicates=duplicates(destination)
     )
     assert len(destination.delivered_event_ids()) == 1000
+
+
+async def test_a_sink_started_while_kafka_is_down_waits_for_it(
+    outage_broker: Broker, rules_dir: Path, server_slow: tuple[Destination, str]
+) -> None:
+    """`router sink` deployed before its Kafka answers waits (startup_timeout_s), as serve does.
+
+    It used to exit 1 at once, so a sink pod scheduled before Kafka crash-looped.
+    """
+    destination, url = server_slow
+    topic = unique_topic()
+    settings = rig_settings(outage_broker, topic, rules_dir, url)
+    events = [track_event(i) for i in range(50)]
+    await publish(settings, events)
+    await asyncio.to_thread(outage_broker.ctl, "stop")
+    running = _Later(settings)
+    try:
+        await asyncio.sleep(4)
+        assert not running.started.done(), "start gave up while Kafka was down"
+        assert running.consumer._consumer is None  # the failed attempts' clients were closed
+        await asyncio.to_thread(outage_broker.ctl, "start")
+        await asyncio.wait_for(running.started, 60)
+        await wait_until(
+            lambda: destination.delivered_event_ids() >= {e.id for e in events}, 60, "all"
+        )
+    finally:
+        await running.close()
+
+
+class _Later:
+    """A consumer whose start() runs as a task, then run() once it has started."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.consumer = make_consumer(settings)
+        self.stop = asyncio.Event()
+        self.started = asyncio.create_task(self.consumer.start())
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        await self.started
+        await self.consumer.run(self.stop)
+
+    async def close(self) -> None:
+        self.stop.set()
+        if not self.started.done():
+            self.started.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def test_dead_letters_in_flight_through_a_kafka_restart_are_all_written(
