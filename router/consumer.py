@@ -351,8 +351,13 @@ class SinkConsumer:
         if self._session is not None:
             await self._session.close()
         pending = sum(o.pending for o in self._offsets.values())
+        again = sum(o.uncommitted for o in self._offsets.values())
         log.info(
-            "sink %s stopped; %d event(s) left uncommitted for redelivery", self.sink.name, pending
+            "sink %s stopped; %d event(s) unfinished, up to %d read past the last commit "
+            "will be read again by the next consumer",
+            self.sink.name,
+            pending,
+            again,
         )
 
     async def kafka_reachable(self) -> str:

@@ -17,6 +17,7 @@ class PartitionOffsets:
         self._pending: set[int] = set()
         self._heap: list[int] = []
         self._next = -1  # one past the highest offset seen; -1 until the first
+        self._first = -1  # the lowest offset seen
         self._committed = -1
 
     def start(self, offset: int) -> None:
@@ -24,6 +25,7 @@ class PartitionOffsets:
         self._pending.add(offset)
         heapq.heappush(self._heap, offset)
         self._next = max(self._next, offset + 1)
+        self._first = offset if self._first < 0 else min(self._first, offset)
 
     def finish(self, offset: int) -> None:
         """The event is delivered, filtered out or dead-lettered."""
@@ -45,3 +47,14 @@ class PartitionOffsets:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def uncommitted(self) -> int:
+        """Offsets read past the last commit: what the partition's next owner reads again.
+
+        An upper bound on events (offsets can have gaps); finished events above a pending one
+        count too, since the commit cannot pass the pending one.
+        """
+        if self._next < 0:
+            return 0
+        return self._next - max(self._committed, self._first)

@@ -186,6 +186,26 @@ def test_commit_position_waits_for_the_lowest_pending_offset() -> None:
     assert offsets.pending == 0
 
 
+def test_uncommitted_counts_what_the_next_owner_reads_again() -> None:
+    offsets = PartitionOffsets()
+    assert offsets.uncommitted == 0
+    for offset in range(100, 200):
+        offsets.start(offset)
+    for offset in range(100, 200):
+        if offset != 105:
+            offsets.finish(offset)
+    assert offsets.pending == 1
+    assert offsets.uncommitted == 100  # nothing committed yet: all of them come back
+    position = offsets.committable()
+    assert position == 105
+    offsets.committed(position)
+    # 105 is unfinished, so 105..199 come back though 94 of them are done
+    assert offsets.uncommitted == 95
+    offsets.finish(105)
+    offsets.committed(offsets.committable() or 0)
+    assert offsets.uncommitted == 0
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.permutations(list(range(30))), st.integers(0, 30))
 def test_never_commits_past_an_unfinished_event(order: list[int], done: int) -> None:
