@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -165,6 +165,39 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> No
         await asyncio.sleep(0.1)
 
 
+async def keep_trying(
+    settings: KafkaSettings,
+    attempt: Callable[[], Awaitable[None]],
+    undo: Callable[[], Awaitable[None]],
+) -> None:
+    """Run ``attempt`` until it succeeds, retrying for ``kafka.startup_timeout_s``.
+
+    Kafka, network and timeout errors are retried every 2 s at most; after each failed or
+    cancelled attempt, ``undo`` closes what it started. Once the time is up: PublishError naming
+    the servers and the last error.
+    """
+    deadline = time.monotonic() + settings.startup_timeout_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            await attempt()
+            return
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await undo()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishError(
+                    f"kafka at {settings.bootstrap_servers} not usable after {tries} "
+                    f"attempts: {exc!r}"
+                ) from exc
+            log.warning("kafka not ready (attempt %d): %r; retrying", tries, exc)
+            await asyncio.sleep(min(2.0, remaining))
+        except BaseException:
+            await undo()
+            raise
+
+
 async def start_producer(producer: Any) -> None:
     """Start ``producer`` within 15 s; if that fails or is cancelled, close it and re-raise."""
     try:
@@ -211,38 +244,30 @@ class KafkaBus:
 
     async def start(self) -> None:
         """Connect and create the event topic, retrying until ``kafka.startup_timeout_s``."""
-        deadline = time.monotonic() + self._settings.startup_timeout_s
-        attempt = 0
-        while True:
-            attempt += 1
+        producer: Any = None
+
+        async def attempt() -> None:
+            nonlocal producer
             producer = self._new_producer()
-            try:
-                await start_producer(producer)
-                created = await ensure_topics(self._settings, [event_topic_spec(self._settings)])
-                if created:
-                    log.info("created topic %s", ", ".join(created))
-                partitions = await asyncio.wait_for(
-                    producer.partitions_for(self._topic), timeout=15
-                )
-                self._partitions = sorted(partitions)
-                self._producer = producer
-                log.info(
-                    "kafka ready: %s, topic %s with %d partitions",
-                    self._settings.bootstrap_servers,
-                    self._topic,
-                    len(self._partitions),
-                )
-                return
-            except (KafkaError, OSError, TimeoutError) as exc:
+            await start_producer(producer)
+            created = await ensure_topics(self._settings, [event_topic_spec(self._settings)])
+            if created:
+                log.info("created topic %s", ", ".join(created))
+            partitions = await asyncio.wait_for(producer.partitions_for(self._topic), timeout=15)
+            self._partitions = sorted(partitions)
+            self._producer = producer
+            log.info(
+                "kafka ready: %s, topic %s with %d partitions",
+                self._settings.bootstrap_servers,
+                self._topic,
+                len(self._partitions),
+            )
+
+        async def undo() -> None:
+            if producer is not None:
                 await stop_quietly(producer)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise PublishError(
-                        f"kafka at {self._settings.bootstrap_servers} not usable after "
-                        f"{attempt} attempts: {exc!r}"
-                    ) from exc
-                log.warning("kafka not ready (attempt %d): %r; retrying", attempt, exc)
-                await asyncio.sleep(min(2.0, remaining))
+
+        await keep_trying(self._settings, attempt, undo)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Flush what is buffered and close, waiting at most ``grace_s`` for each step."""

@@ -38,6 +38,7 @@ from router.bus import (
     TopicSpec,
     ensure_topics,
     event_topic_spec,
+    keep_trying,
     start_producer,
     stop_quietly,
 )
@@ -215,27 +216,7 @@ class SinkConsumer:
         Kafka answers (a restarted cluster, a pod scheduled first) waits instead of exiting at once.
         Whatever a failed or cancelled attempt started is closed before it goes on.
         """
-        kafka = self.settings.kafka
-        deadline = time.monotonic() + kafka.startup_timeout_s
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self._connect()
-                break
-            except (KafkaError, OSError, TimeoutError) as exc:
-                await self._close_clients()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise KafkaError(
-                        f"kafka at {kafka.bootstrap_servers} not usable after {attempt} "
-                        f"attempts: {exc!r}"
-                    ) from exc
-                log.warning("kafka not ready (attempt %d): %r; retrying", attempt, exc)
-                await asyncio.sleep(min(2.0, remaining))
-            except BaseException:
-                await self._close_clients()
-                raise
+        await keep_trying(self.settings.kafka, self._connect, self._close_clients)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.sink.limits.timeout_s),
             connector=aiohttp.TCPConnector(limit=self.sink.limits.concurrency * 2),
