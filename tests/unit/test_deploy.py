@@ -13,6 +13,13 @@ from router.ingest import create_app
 from router.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
+# After its drain (shutdown_timeout_s), a process may still spend this long stopping:
+# the ingest flushes and stops its producer (10 s each); a sink waits for its tasks (2 s), commits,
+# leaves the group and stops its dead-letter producer (10 s each), then its rules watcher (5 s).
+INGEST_AFTER_DRAIN_S = 20
+SINK_AFTER_DRAIN_S = 37
+# /readyz waits up to 2 s for Kafka's metadata answer; a probe giving up sooner fails a ready pod.
+READYZ_WAIT_S = 2
 
 
 def k8s_documents() -> list[dict[str, Any]]:
@@ -27,9 +34,13 @@ def test_k8s_config_is_a_valid_router_config(tmp_path: Path) -> None:
     assert settings.ingest.port == 8080
     (deployment,) = [d for d in k8s_documents() if d["kind"] == "Deployment"]
     pod = deployment["spec"]["template"]["spec"]
-    # The grace period must cover the in-flight drain.
-    assert pod["terminationGracePeriodSeconds"] > settings.ingest.shutdown_timeout_s
     (container,) = pod["containers"]
+    # The grace period must cover the wait for the endpoints, the drain and the producer's stop.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    stopping_s = int(pre_stop[1]) + settings.ingest.shutdown_timeout_s + INGEST_AFTER_DRAIN_S
+    assert pod["terminationGracePeriodSeconds"] >= stopping_s
+    assert container["readinessProbe"]["timeoutSeconds"] > READYZ_WAIT_S
     env_names = {e["name"] for e in container["env"]}
     assert {"ROUTER_CONFIG", "PENDO_WEBHOOK_SECRET", "PENDO_INTEGRATION_KEY"} <= env_names
 
@@ -56,6 +67,8 @@ def test_systemd_unit_runs_the_console_script() -> None:
     unit.read(ROOT / "deploy/systemd/router-ingest.service")
     assert unit["Service"]["ExecStart"].endswith("/bin/router serve")
     assert unit["Service"]["KillSignal"] == "SIGTERM"
+    stopping_s = load_settings(None, {}).ingest.shutdown_timeout_s + INGEST_AFTER_DRAIN_S
+    assert int(unit["Service"]["TimeoutStopSec"]) >= stopping_s
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'router = "router.cli:main"' in pyproject
 
@@ -99,7 +112,9 @@ def test_k8s_runs_one_deployment_per_built_in_sink(
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["args"] == ["sink", name]
-        assert pod["terminationGracePeriodSeconds"] > settings.consumer.shutdown_timeout_s
+        stopping_s = settings.consumer.shutdown_timeout_s + SINK_AFTER_DRAIN_S
+        assert pod["terminationGracePeriodSeconds"] >= stopping_s
+        assert container["readinessProbe"]["timeoutSeconds"] > READYZ_WAIT_S
         assert container["ports"][0]["containerPort"] == settings.consumer.health_port
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["httpGet"]["path"] in health_routes
@@ -124,3 +139,38 @@ def test_systemd_sink_template_runs_one_sink_per_instance() -> None:
     assert unit["Service"]["ExecStart"].endswith("/bin/router sink %i")
     assert unit["Service"]["EnvironmentFile"].endswith("sink-%i.env")
     assert unit["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    stopping_s = load_settings(None, {}).consumer.shutdown_timeout_s + SINK_AFTER_DRAIN_S
+    assert int(unit["Service"]["TimeoutStopSec"]) >= stopping_s
+
+
+def test_the_image_the_manifests_name_is_built_with_router_as_entry_point() -> None:
+    """deploy/Dockerfile (not built here: no Docker engine) matches what the manifests assume."""
+    lines = [
+        line.strip()
+        for line in (ROOT / "deploy/Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    # The Deployments give args only, so the entry point must be the console script.
+    assert 'ENTRYPOINT ["router"]' in lines
+    copied = {line.split()[1] for line in lines if line.startswith("COPY")}
+    # What `pip install .` builds from (readme is part of the metadata), and the default rules.
+    assert {"pyproject.toml", "router", "sinks", "rules"} <= copied
+    assert any(line.startswith("COPY pyproject.toml README.md") for line in lines)
+    assert "RUN pip install . && rm -rf build *.egg-info" in lines
+    ports = {int(p) for line in lines if line.startswith("EXPOSE") for p in line.split()[1:]}
+    images = {
+        c["image"]
+        for d in [*k8s_documents(), *sink_documents()]
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    version = _project_version()
+    assert images == {f"pendo-event-router:{version}"}
+    assert ports == {8080, 9100}
+
+
+def _project_version() -> str:
+    for line in (ROOT / "pyproject.toml").read_text().splitlines():
+        if line.startswith("version = "):
+            return line.split('"')[1]
+    raise AssertionError("no version in pyproject.toml")
