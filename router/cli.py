@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -110,13 +111,13 @@ async def _tail(settings: Settings, from_beginning: bool, count: int | None, idl
                 if count is not None:
                     break
                 continue
-            for records in batch.values():
-                for record in records:
-                    # One line per event: `raw` keeps the sender's own spacing and newlines.
-                    sys.stdout.write(msgspec.json.format(record.value, indent=0).decode() + "\n")
-                    seen += 1
-                    if count is not None and seen >= count:
-                        break
+            records = [record for part in batch.values() for record in part]
+            if count is not None:
+                records = records[: count - seen]
+            for record in records:
+                # One compact line per event, whatever spacing and newlines `raw` came with.
+                sys.stdout.write(msgspec.json.format(record.value, indent=-1).decode() + "\n")
+            seen += len(records)
             sys.stdout.flush()
     finally:
         await asyncio.wait_for(consumer.stop(), timeout=10)
@@ -274,6 +275,12 @@ def _main(args: argparse.Namespace) -> int:
             return _run(_tail(settings, args.from_beginning, args.count, args.idle_timeout))
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            # The reader went away (`| head`): done, as other Unix tools are. Point stdout at
+            # /dev/null so the interpreter's last flush does not complain about it again.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except (KafkaError, OSError, TimeoutError, ValueError) as exc:
             # Kafka unreachable, or a bootstrap_servers entry that does not parse.
             servers = settings.kafka.bootstrap_servers

@@ -106,3 +106,61 @@ async def test_sigterm_during_start_up_stops_promptly(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 15) == 0
     assert "stopped during start-up" in (tmp_path / "serve.log").read_text()
+
+
+async def test_events_tail_prints_exactly_count_compact_lines(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`events tail -n N` stops at N across partitions; a closed pipe ends it quietly with 0.
+
+    300 events (~120 KB of output) outgrow the pipe's buffer, so `head` closing it is felt.
+    """
+    from router.bus import KafkaBus
+    from router.events import decode_track, to_record
+    from tests.integration.conftest import make_settings
+
+    topic = unique_topic()
+    settings = make_settings(broker, topic)
+    bus = KafkaBus(settings.kafka)
+    await bus.start()
+    try:
+        body = b"[" + b",".join(
+            b'{"type":"track","event":"E%d","visitorId":"v%d","accountId":"a",'
+            b'"properties":{"n": %d},"context":{},"timestamp":1700000000000}' % (i, i, i)
+            for i in range(300)
+        ) + b"]"  # fmt: skip
+        events = decode_track(body, received_at=1, max_events=300)
+        await bus.publish([to_record(e) for e in events])
+    finally:
+        await bus.stop()
+    config = tmp_path / "router.yaml"
+    config.write_text(f"kafka:\n  bootstrap_servers: '{broker.bootstrap}'\n  topic: {topic}\n")
+    argv = [sys.executable, "-m", "router.cli", "--config", str(config), "events", "tail"]
+    for count in (1, 5):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*argv, "--from-beginning", "-n", str(count)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == count  # the events span three partitions
+        assert all(", " not in line and '": ' not in line for line in lines)  # compact
+        assert {decode_event(line.encode()).name for line in lines} <= {f"E{i}" for i in range(300)}
+
+    def read_a_byte_then_close() -> tuple[int, str]:
+        with subprocess.Popen(
+            [*argv, "--from-beginning", "-n", "300"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        ) as process:  # fmt: skip
+            assert process.stdout is not None
+            assert process.stderr is not None
+            process.stdout.read(1)
+            process.stdout.close()  # as `| head -c 1` does
+            errors = process.stderr.read().decode()
+            return process.wait(timeout=60), errors
+
+    code, errors = await asyncio.to_thread(read_a_byte_then_close)
+    assert code == 0, errors
+    assert "cannot read from Kafka" not in errors
+    assert "BrokenPipe" not in errors
