@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config/local.yaml
 KAFKACTL := deploy/kafka/kafkactl
 PYTEST_ARGS ?=
+# `make run` with another KAFKA_PORT: the router must look for the broker kafka-start put there
+# (unless ROUTER_KAFKA__BOOTSTRAP_SERVERS says otherwise).
+RUN_ENV := $(if $(KAFKA_PORT),$(if $(ROUTER_KAFKA__BOOTSTRAP_SERVERS),,ROUTER_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT)))
 
 .DEFAULT_GOAL := help
 .PHONY: help install run serve test check lint fmt typecheck unit integration bench \
@@ -25,8 +28,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv/ and install the project with its dev tools
 
-run: $(STAMP) kafka-start ## start local Kafka, the ingest and every sink consumer (CONFIG=config/local.yaml); Ctrl-C stops them
-	$(BIN)/router --config $(CONFIG) up
+run: $(STAMP) kafka-start ## start local Kafka, the ingest and every sink consumer (CONFIG=config/local.yaml, KAFKA_PORT=19092); Ctrl-C stops them
+	$(RUN_ENV) $(BIN)/router --config $(CONFIG) up
 
 test: $(STAMP) lint typecheck ## lint, type-check and run every test (starts Kafka itself)
 	$(BIN)/pytest $(PYTEST_ARGS)

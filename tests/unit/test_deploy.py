@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import configparser
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +176,28 @@ def _project_version() -> str:
         if line.startswith("version = "):
             return line.split('"')[1]
     raise AssertionError("no version in pyproject.toml")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"KAFKA_PORT": "19892"}, "ROUTER_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:19892 "),
+        ({}, ""),  # config/local.yaml's own 19092
+        # an explicit bootstrap wins over the port
+        ({"KAFKA_PORT": "19892", "ROUTER_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092"}, ""),
+    ],
+)
+def test_make_run_looks_for_kafka_where_kafka_start_put_it(
+    env: dict[str, str], expected: str
+) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("KAFKA_PORT", "MAKEFLAGS")}
+    base.pop("ROUTER_KAFKA__BOOTSTRAP_SERVERS", None)
+    shown = subprocess.run(
+        ["make", "-s", "-n", "-o", ".venv/.installed", "run"],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert shown[-1] == f"{expected}.venv/bin/router --config config/local.yaml up"
