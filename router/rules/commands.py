@@ -47,10 +47,10 @@ def run_check(paths: Sequence[str], default_dir: str, out: TextIO = sys.stdout) 
 
 def _ok_line(loaded: LoadedRules) -> str:
     assert loaded.ruleset is not None
-    rules = len(loaded.ruleset.rules)
+    rules, tests = len(loaded.ruleset.rules), len(loaded.tests)
     return (
         f"ok {loaded.path}: {rules} rule{'s' if rules != 1 else ''}, "
-        f"{len(loaded.tests)} tests, ruleset {loaded.ruleset.hash}\n"
+        f"{tests} test{'s' if tests != 1 else ''}, ruleset {loaded.ruleset.hash}\n"
     )
 
 

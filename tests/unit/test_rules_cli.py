@@ -59,6 +59,28 @@ def test_valid_file_checks_ok(tmp_path: Path) -> None:
     assert lines[0].startswith(f"ok {path}: 1 rule, 2 tests, ruleset ")
 
 
+def test_the_check_output_in_docs_is_what_the_default_files_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/rules.md shows `router rules check` on the shipped files; its hashes must be theirs."""
+    shown = [
+        line
+        for line in (ROOT / "docs/rules.md").read_text().splitlines()
+        if line.startswith("ok rules/")
+    ]
+    monkeypatch.chdir(ROOT)
+    out = io.StringIO()
+    assert run_check([], "rules", out) == 0
+    assert shown == out.getvalue().splitlines()
+
+
+def test_one_test_is_not_plural(tmp_path: Path) -> None:
+    one = GOOD[: GOOD.index("  - name: promoters are not")]
+    code, lines = check(write(tmp_path, "slack.yaml", one))
+    assert code == 0
+    assert ": 1 rule, 1 test, ruleset " in lines[0]
+
+
 def test_problems_are_one_line_each_with_file_line_and_path(tmp_path: Path) -> None:
     path = write(
         tmp_path,
