@@ -56,6 +56,19 @@ def read(text: str) -> Document:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         reason = getattr(exc, "problem", None) or str(exc)
+        # PyYAML's context says what it was reading, often a line above the one it stopped on
+        # (the key that lacks its colon, the first anchor of a duplicate): worth keeping.
+        context = getattr(exc, "context", None)
+        context_mark = getattr(exc, "context_mark", None)
+        if context:
+            at = f" on line {context_mark.line + 1}" if context_mark is not None else ""
+            reason = f"{reason} ({context}{at})"
+        if context == "while scanning a simple key" and context_mark is not None:
+            # A key without its colon: PyYAML notices on the next line; the key's is the one.
+            line = context_mark.line + 1
+            reason = "a key without its ':' (or a line that continues the one above it)"
+        elif "expected <block end>" in reason:
+            reason += "; check this line's indentation against the lines above"
         return Document(problems=[YamlProblem(line, "$", f"not valid YAML: {reason}")])
     except RecursionError:  # the parser and the walks recurse; no real file is this deep
         return Document(problems=[YamlProblem(None, "$", "not valid YAML: nested too deeply")])

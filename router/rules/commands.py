@@ -10,30 +10,35 @@ from typing import TextIO
 import msgspec
 
 from router.rules import testing
-from router.rules.loader import LoadedRules, load_rules, rule_paths
+from router.rules.loader import LoadedRules, load_rules, rule_paths, stray_files
 from router.rules.model import RuleFile, TestFile
 
 
-def _targets(paths: Sequence[str], default_dir: str, err: TextIO) -> list[Path] | None:
+def _targets(paths: Sequence[str], default_dir: str, err: TextIO) -> tuple[list[Path], bool] | None:
+    """The rule files to work on, and whether a stray file (reported to ``err``) was found."""
     targets = [Path(p) for p in paths] if paths else [Path(default_dir)]
     missing = [t for t in targets if not t.exists()]
     if missing:
         for target in missing:
             err.write(f"{target}: no such file or directory\n")
         return None
+    strays = stray_files(targets)
+    for problem in strays:
+        err.write(f"{problem}\n")
     found = rule_paths(targets)
     if not found:
-        err.write(f"no rule files (*.yaml) in {', '.join(map(str, targets))}\n")
+        if not strays:
+            err.write(f"no rule files (*.yaml) in {', '.join(map(str, targets))}\n")
         return None
-    return found
+    return found, bool(strays)
 
 
 def run_check(paths: Sequence[str], default_dir: str, out: TextIO = sys.stdout) -> int:
     """Exit 0 when every file is valid; otherwise one line per problem and exit 1."""
-    files = _targets(paths, default_dir, out)
-    if files is None:
+    targets = _targets(paths, default_dir, out)
+    if targets is None:
         return 1
-    failed = False
+    files, failed = targets
     for path in files:
         loaded = load_rules(path)
         if loaded.problems:
@@ -56,10 +61,11 @@ def _ok_line(loaded: LoadedRules) -> str:
 
 def run_tests(paths: Sequence[str], default_dir: str, out: TextIO = sys.stdout) -> int:
     """Run every rule test; a diff per mismatch, a summary line, exit 1 on any failure."""
-    files = _targets(paths, default_dir, out)
-    if files is None:
+    targets = _targets(paths, default_dir, out)
+    if targets is None:
         return 1
-    passed = failed = 0
+    files, strays = targets
+    passed, failed = 0, int(strays)
     for path in files:
         loaded = load_rules(path)
         if loaded.ruleset is None:

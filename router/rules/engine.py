@@ -22,7 +22,15 @@ from typing import Any, Final
 import msgspec
 from msgspec import UNSET
 
-from router.events import EPOCH, MS_THRESHOLD, Event
+from router.events import (
+    EPOCH,
+    EVENT_TYPES,
+    MS_THRESHOLD,
+    SOURCE_TRACK,
+    SOURCE_WEBHOOK,
+    UNKNOWN_TYPE,
+    Event,
+)
 from router.rules.model import Condition, Directive, Rule, RuleFile
 from router.rules.outputs import FieldSpec, OutputKind, SinkOutputs, compile_checks, type_problem
 
@@ -318,7 +326,27 @@ def compile_condition(cond: Condition, where: str, problems: list[Problem]) -> P
         return lambda event: False
     (op,) = ops
     operand = getattr(cond, op)
-    return _compile_test(op, operand, get, f"{where}.{_OP_NAMES.get(op, op)}", problems)
+    at = f"{where}.{_OP_NAMES.get(op, op)}"
+    closed = _CLOSED_VALUES.get(cond.path)
+    if closed is not None and op in ("eq", "ne", "in_", "not_in"):
+        # A typo here (nps.respones) is a rule that silently never (or always) matches.
+        for value in operand if isinstance(operand, list) else [operand]:
+            if value not in closed:
+                problems.append(
+                    Problem(
+                        at,
+                        f"no event has {cond.path} {value!r}; the {cond.path}s are: "
+                        + ", ".join(sorted(closed)),
+                    )
+                )
+    return _compile_test(op, operand, get, at, problems)
+
+
+# Fields whose values are a closed set: a condition naming another value is a typo.
+_CLOSED_VALUES: Final[dict[str | None, frozenset[str]]] = {
+    "type": EVENT_TYPES | {UNKNOWN_TYPE},
+    "source": frozenset({SOURCE_WEBHOOK, SOURCE_TRACK}),
+}
 
 
 def _all_of(preds: list[Predicate]) -> Predicate:
@@ -1039,6 +1067,7 @@ def check_static(
             )
     for name, directive in rule.map.items():
         at = f"{where}.map.{name}"
+        _check_nulls(directive, at, problems)
         spec = kind.fields.get(name)
         if spec is None:
             problems.append(
@@ -1127,6 +1156,22 @@ def _constants(directive: Directive) -> list[Any]:
     if directive.const is not UNSET:
         return [directive.const]
     return []
+
+
+def _check_nulls(directive: Directive, at: str, problems: list[Problem]) -> None:
+    """``const:`` with nothing after it sends null, which no sink field wants."""
+    if directive.const is None:
+        problems.append(
+            Problem(
+                f"{at}.const",
+                "empty (null): leave the field out instead, or quote the value; an unquoted "
+                "value starting with # is a YAML comment (write '#product-insights')",
+            )
+        )
+    for name, inner in (directive.fields or {}).items():
+        _check_nulls(inner, f"{at}.fields.{name}", problems)
+    for i, item in enumerate(directive.items or ()):
+        _check_nulls(item, f"{at}.items[{i}]", problems)
 
 
 def _check_constants(

@@ -189,6 +189,18 @@ def load_rules(path: Path) -> LoadedRules:
             problems.append(FileProblem(label, line_of(root, where), where, message))
         return loaded
     loaded.rule_file = rule_file
+    for index, rule in enumerate(data["rules"]):
+        if isinstance(rule, dict) and "when" in rule and rule["when"] is None:
+            # Conditions commented out leave `when:` empty, which would match every event.
+            where = f"$.rules[{index}].when"
+            problems.append(
+                FileProblem(
+                    label,
+                    line_of(root, where),
+                    where,
+                    "empty: give a condition, or remove `when` to match every event",
+                )
+            )
     outputs = sinks.OUTPUTS.get(rule_file.sink)
     if outputs is None:
         problems.append(
@@ -220,10 +232,14 @@ def load_rules(path: Path) -> LoadedRules:
     ruleset, found = compile_file(rule_file, outputs, parts)
     problems.extend(_located(label, root, found))
     loaded.tests = [(path, test, f"$.tests[{i}]") for i, test in enumerate(rule_file.tests)]
+    rule_ids = {rule.id for rule in rule_file.rules}
+    problems.extend(_unknown_rules(label, root, rule_file.tests, rule_ids))
     for test_path, read, read_problems in test_reads:
         loaded.sources.append(test_path)
         problems.extend(read_problems)
-        _load_test_file(test_path, read, sink, loaded)
+        test_file = _load_test_file(test_path, read, sink, loaded)
+        if test_file is not None:
+            problems.extend(_unknown_rules(_label(test_path), read.root, test_file.tests, rule_ids))
     if not problems:
         loaded.ruleset = ruleset
     return loaded
@@ -233,19 +249,41 @@ def _located(label: str, root: yaml.Node | None, found: Sequence[Problem]) -> li
     return [FileProblem(label, line_of(root, p.path), p.path, p.message) for p in found]
 
 
-def _load_test_file(path: Path, read: _Read, sink: str, loaded: LoadedRules) -> None:
+def _unknown_rules(
+    label: str, root: yaml.Node | None, tests: Sequence[RuleTest], rule_ids: set[str]
+) -> list[FileProblem]:
+    """Expectations naming a rule the file does not have (a typo, or a renamed rule)."""
+    found: list[FileProblem] = []
+    for index, test in enumerate(tests):
+        for key, named in (("expect", test.expect), ("expect_errors", test.expect_errors)):
+            for rule_id in named:
+                if rule_id not in rule_ids:
+                    where = f"$.tests[{index}].{key}.{rule_id}"
+                    found.append(
+                        FileProblem(
+                            label,
+                            line_of(root, where),
+                            where,
+                            f"no rule {rule_id!r} in this sink's rules; its rules are: "
+                            + ", ".join(sorted(rule_ids)),
+                        )
+                    )
+    return found
+
+
+def _load_test_file(path: Path, read: _Read, sink: str, loaded: LoadedRules) -> TestFile | None:
     label = _label(path)
     data, root = read.data, read.root
     if data is None:
         if root is None and not any(p.file == label for p in loaded.problems):
             loaded.problems.append(FileProblem(label, None, "$", "the file is empty"))
-        return
+        return None
     try:
         test_file = msgspec.convert(data, TestFile)
     except msgspec.ValidationError as exc:
         message, where = validation_error_parts(exc)
         loaded.problems.append(FileProblem(label, line_of(root, where), where, message))
-        return
+        return None
     if test_file.sink != sink:
         loaded.problems.append(
             FileProblem(
@@ -255,16 +293,66 @@ def _load_test_file(path: Path, read: _Read, sink: str, loaded: LoadedRules) -> 
                 f"tests for sink {test_file.sink!r} found beside the {sink} rules",
             )
         )
-        return
+        return None
     loaded.tests.extend((path, test, f"$.tests[{i}]") for i, test in enumerate(test_file.tests))
+    return test_file
 
 
 def rule_paths(targets: Sequence[Path]) -> list[Path]:
-    """Rule files named by the CLI: files as given, directories expanded to their *.yaml."""
+    """Rule files named by the CLI: files as given, directories expanded to their *.yaml.
+
+    A test file (``rules/tests/<sink>*.yaml``) stands for the rule file it tests, which runs it.
+    """
     paths: list[Path] = []
     for target in targets:
         if target.is_dir():
             paths.extend(sorted(target.glob("*.yaml")))
+        elif target.parent.name == "tests":
+            owner = _tested_by(target)
+            if owner is not None:  # else a stray: see stray_files
+                paths.append(owner)
         else:
             paths.append(target)
-    return paths
+    return list(dict.fromkeys(paths))
+
+
+def _tested_by(path: Path) -> Path | None:
+    """The rule file whose tests ``path`` holds, if it is a test file; None otherwise."""
+    if path.parent.name != "tests":
+        return None
+    owners = [
+        rule
+        for rule in path.parent.parent.glob("*.yaml")
+        if path.name.startswith(rule.stem) and path in rule_test_files(rule)
+    ]
+    # The longest name wins (segment-extra.yaml beside segment.yaml and segment-extra.yaml).
+    return max(owners, key=lambda rule: len(rule.stem), default=None)
+
+
+def stray_files(targets: Sequence[Path]) -> list[FileProblem]:
+    """Files in a rules directory that nothing reads: a misnamed test file never runs."""
+    found: list[FileProblem] = []
+    for target in targets:
+        if target.is_dir():
+            directory = target
+        elif target.parent.name == "tests" and _tested_by(target) is None:
+            directory = target.parent.parent
+        else:
+            continue
+        rules = sorted(directory.glob("*.yaml"))
+        names = ", ".join(rule.name for rule in rules) or "none"
+        for path in sorted(directory.glob("*.yml")):
+            found.append(FileProblem(_label(path), None, "$", "rule files end in .yaml, not .yml"))
+        tested = {test for rule in rules for test in rule_test_files(rule)}
+        for path in sorted((directory / "tests").glob("*.y*ml")):
+            if path not in tested:
+                found.append(
+                    FileProblem(
+                        _label(path),
+                        None,
+                        "$",
+                        "tests no rule file, so they never run: a test file is named after "
+                        f"its rule file (<sink>.yaml or <sink>-*.yaml; rule files: {names})",
+                    )
+                )
+    return list(dict.fromkeys(found))

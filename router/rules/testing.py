@@ -65,6 +65,12 @@ def build_event(test: RuleTest) -> Event:
             return event
         return decode_webhook(body, TEST_RECEIVED_AT)
     assert test.event is not None
+    unknown = sorted(set(test.event) - set(Event.__struct_fields__))
+    if unknown:
+        raise ValueError(
+            f"event has no field {', '.join(map(repr, unknown))}; its fields are: "
+            + ", ".join(Event.__struct_fields__)
+        )
     fields: dict[str, Any] = {
         "id": "test-event",
         "source": "track",

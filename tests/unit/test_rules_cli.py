@@ -156,6 +156,18 @@ rules:
     ("name", "text", "expected"),
     [
         ("slack.yaml", "sink: slack\nrules: [\n", ":3: $: not valid YAML"),
+        # The key without its colon is on line 4; PyYAML stops on line 5.
+        (
+            "slack.yaml",
+            "sink: slack\nrules:\n  - id: a\n    when\n      path: x\n",
+            ":4: $: not valid YAML: a key without its ':'",
+        ),
+        (
+            "slack.yaml",
+            "sink: slack\nrules:\n  - id: &a a\n    map: &a {}\n",
+            ":4: $: not valid YAML: second occurrence (found duplicate anchor 'a'; first "
+            "occurrence on line 3)",
+        ),
         ("slack.yaml", "", ": $: the file is empty"),
         ("slack.yaml", "sink: slack\nsink: slack\nrules: []\n", ":2: $.sink: duplicate key 'sink'"),
         ("slack.yaml", "sink: nope\nrules: []\n", ":1: $.sink: unknown sink 'nope'"),
@@ -390,3 +402,93 @@ def test_a_bad_value_in_a_map_of_text_does_not_blame_another_key(tmp_path: Path)
     assert code == 1
     assert any("expect_errors[...]: Expected str, got int" in line for line in lines), lines
     assert not any("expect_errors.detractors" in line for line in lines), lines
+
+
+# ---- mistakes an analyst makes that used to pass check (found by review) ------------------
+
+
+def test_an_empty_when_is_refused_rather_than_matching_everything(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    when: {path: properties.score, lte: 6}\n",
+        "    when:\n      # - {path: properties.score, lte: 6}\n",
+    )
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert lines == [
+        f"{tmp_path / 'rules/slack.yaml'}:4: $.rules[0].when: empty: give a condition, or "
+        "remove `when` to match every event"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("when", "bad"),
+    [
+        ("{path: type, eq: nps.respones}", "'nps.respones'"),
+        ("{path: type, in: [guide.viewed, guide.advnced]}", "'guide.advnced'"),
+        ("{not: {path: source, eq: webhooks}}", "'webhooks'"),
+    ],
+)
+def test_a_type_or_source_no_event_has_is_refused(tmp_path: Path, when: str, bad: str) -> None:
+    text = GOOD.replace("{path: properties.score, lte: 6}", when)
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert len(lines) == 1
+    assert f"no event has {'source' if 'source' in when else 'type'} {bad}" in lines[0]
+    assert "nps.response" in lines[0] or "webhook" in lines[0]  # the valid values are listed
+
+
+def test_an_empty_const_is_refused_with_the_comment_hint(tmp_path: Path) -> None:
+    text = GOOD.replace('channel: {const: "#product-insights"}', "channel:\n        const: #x")
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert len(lines) == 1
+    assert ":8: $.rules[0].map.channel.const: empty (null)" in lines[0]
+    assert "'#product-insights'" in lines[0]
+
+
+def test_a_test_expecting_a_rule_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("      detractors: {text:", "      detractor: {text:")
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert lines == [
+        f"{tmp_path / 'rules/slack.yaml'}:12: $.tests[0].expect.detractor: no rule 'detractor' "
+        "in this sink's rules; its rules are: detractors"
+    ]
+
+
+def test_an_unknown_field_in_a_test_event_fails_the_test(tmp_path: Path) -> None:
+    text = GOOD.replace("event: {type: nps.response, visitor_id: v1, properties: {score: 2,",
+                        "event: {type: nps.response, visitorId: v1, properties: {score: 2,")  # fmt: skip
+    code, output = rule_tests(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert "the test input is not a valid event: event has no field 'visitorId'" in output
+
+
+def test_misnamed_test_files_are_reported_not_skipped(tmp_path: Path) -> None:
+    write(tmp_path, "slack.yaml", GOOD)
+    tests = "sink: slack\ntests:\n  - name: t\n    event: {type: guide.viewed}\n    expect: {}\n"
+    write(tmp_path, "tests/slack-more.yaml", tests)  # runs with slack.yaml
+    write(tmp_path, "tests/slak.yaml", tests)  # a typo: never ran before
+    write(tmp_path, "extra.yml", "sink: slack\n")
+    code, lines = check(tmp_path / "rules")
+    assert code == 1
+    assert f"{tmp_path / 'rules/extra.yml'}: $: rule files end in .yaml, not .yml" in lines
+    (stray,) = [line for line in lines if "slak.yaml" in line]
+    assert "tests no rule file, so they never run" in stray
+    assert "rule files: slack.yaml" in stray
+    assert lines[-1].startswith(f"ok {tmp_path / 'rules/slack.yaml'}: 1 rule, 3 tests")
+    code, output = rule_tests(tmp_path / "rules")
+    assert code == 1
+    assert "rule tests: 3 passed, 1 failed" in output
+
+
+def test_a_test_file_given_alone_runs_with_its_rule_file(tmp_path: Path) -> None:
+    write(tmp_path, "slack.yaml", GOOD)
+    tests = "sink: slack\ntests:\n  - name: t\n    event: {type: guide.viewed}\n    expect: {}\n"
+    more = write(tmp_path, "tests/slack-more.yaml", tests)
+    code, output = rule_tests(more)
+    assert code == 0, output
+    assert "rule tests: 3 passed, 0 failed" in output
+    code, lines = check(more)
+    assert code == 0
+    assert lines[0].startswith(f"ok {tmp_path / 'rules/slack.yaml'}")

@@ -95,10 +95,10 @@ def matches(when: str, ev: Event | None = None) -> bool:
         ("{path: properties.tags.1, eq: b}", True),
         ("{all: [{path: type, eq: nps.response}, {path: properties.score, lte: 6}]}", True),
         ("{all: [{path: type, eq: nps.response}, {path: properties.score, gte: 7}]}", False),
-        ("{any: [{path: type, eq: x}, {path: properties.score, lte: 6}]}", True),
-        ("{any: [{path: type, eq: x}, {path: type, eq: y}]}", False),
+        ("{any: [{path: type, eq: poll.response}, {path: properties.score, lte: 6}]}", True),
+        ("{any: [{path: type, eq: poll.response}, {path: type, eq: guide.viewed}]}", False),
         ("{not: {path: type, eq: nps.response}}", False),
-        ("{not: {any: [{path: type, eq: x}]}}", True),
+        ("{not: {any: [{path: type, eq: poll.response}]}}", True),
     ],
 )
 def test_conditions(when: str, expected: bool) -> None:
