@@ -40,9 +40,49 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # aiokafka logs every failed reconnect at ERROR while the broker is away; our own warnings
-    # already say what matters (publish failed, not ready).
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_KafkaClientNoise())
+
+
+class _KafkaClientNoise(logging.Filter):
+    """Quiets aiokafka's ERROR lines for conditions it retries by itself.
+
+    While a consumer group starts on a fresh broker, aiokafka logs "Group Coordinator Request
+    failed: GroupCoordinatorNotAvailable" several times a second until the coordinator is up:
+    normal, and dropped. While the broker is away it logs every failed reconnect; one line per
+    address every 30 s keeps the outage visible without flooding (the router's own warnings and
+    /readyz say what it means for events).
+    """
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._last: dict[tuple[object, ...], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        if record.msg == "Group Coordinator Request failed: %s":
+            return "GroupCoordinatorNotAvailable" not in record.getMessage()
+        if record.msg in _RECONNECTS:
+            args = record.args if isinstance(record.args, tuple) else ()
+            key = (record.msg, *args[:2])
+            now = record.created
+            if now - self._last.get(key, float("-inf")) < self._interval_s:
+                return False
+            self._last[key] = now
+        return True
+
+
+# aiokafka's log templates for a connection it retries (client.py).
+_RECONNECTS = frozenset(
+    {
+        'Unable connect to "%s:%s": %s',
+        "Unable connect to node with id %s: %s",
+        "Unable to update metadata from %s",
+    }
+)
 
 
 async def _serve(settings: Settings) -> int:
@@ -150,7 +190,9 @@ def _masked(settings: Settings) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="router", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="router", description=__doc__.splitlines()[0].replace("``", "")
+    )
     parser.add_argument(
         "--config", help="YAML config file (default: $ROUTER_CONFIG, else built-in defaults)"
     )
