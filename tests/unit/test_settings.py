@@ -265,3 +265,22 @@ def test_a_signal_during_start_up_ends_a_long_running_command_quietly(
     assert cli.main(["sink", "segment"]) == 0  # was killed with 143 (SIGINT: a traceback)
     assert "router sink: stopped during start-up" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # handed back
+
+
+def test_the_example_config_names_every_setting() -> None:
+    """config/router.example.yaml is where every key is described (README): none may be missing."""
+    import msgspec
+    import yaml
+
+    from router.settings import Settings
+
+    example = yaml.safe_load((ROOT / "config" / "router.example.yaml").read_text())
+    defaults = msgspec.to_builtins(Settings())
+    missing = [
+        f"{section}.{key}"
+        for section, values in defaults.items()
+        if isinstance(values, dict) and section != "sinks"
+        for key in values
+        if key not in (example.get(section) or {})
+    ]
+    assert missing == []
