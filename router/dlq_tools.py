@@ -349,7 +349,7 @@ def _short(text: str | None, limit: int = 80) -> str:
 
 
 LIST_HEADER: Final = (
-    f"{'DLQ':<8} {'DEAD AT':<24} {'REASON':<17} {'RULE':<14} {'EVENT':<20} {'STATUS':<6} DETAIL"
+    f"{'DLQ':<8} {'DEAD AT':<24} {'REASON':<17} {'RULE':<24} {'EVENT':<40} {'STATUS':<6} DETAIL"
 )
 
 
@@ -358,13 +358,15 @@ def list_line(entry: Entry) -> str:
     letter = entry.letter
     if letter is None:
         return (
-            f"{entry.position:<8} {'-':<24} {UNDECODABLE:<17} {'-':<14} {'-':<20} {'-':<6} "
+            f"{entry.position:<8} {'-':<24} {UNDECODABLE:<17} {'-':<24} {'-':<40} {'-':<6} "
             f"{_short(entry.error)}"
         )
     status = str(letter.status) if letter.status is not None else "-"
     return (
         f"{entry.position:<8} {iso_ms(letter.dead_at):<24} {letter.reason:<17} "
-        f"{letter.rule_id or '-':<14} {letter.event_id or '-':<20} {status:<6} "
+        # Event ids are 40 characters (Pendo's uniqueId, or the router's own); a rule id longer
+        # than its column is cut here (`--json` and `show` give it whole).
+        f"{_short(letter.rule_id, 24):<24} {letter.event_id or '-':<40} {status:<6} "
         f"{_short(letter.detail)}"
     )
 

@@ -11,6 +11,7 @@ import pytest
 from router import dlq
 from router.cli import build_parser
 from router.dlq_tools import (
+    LIST_HEADER,
     Entry,
     ProgressBar,
     Selection,
@@ -177,6 +178,19 @@ def test_lines_and_records() -> None:
         "200",
     ]
     assert line.endswith("event evt-1 is poison")
+    # Real event ids are 40 characters: the columns stay under their headings.
+    real = letter()
+    real.event_id = "4d83a7e40912e5f1f3f30b8368def9a393961db2"
+    real.rule_id = "guide-lifecycle-events"
+    aligned = list_line(Entry(2, 9, real))
+    cut = letter()
+    cut.event_id = real.event_id
+    cut.rule_id = "a-rule-id-longer-than-its-column-allows"
+    for line in (aligned, list_line(Entry(2, 9, cut))):
+        for heading in ("EVENT", "STATUS", "DETAIL"):
+            start = LIST_HEADER.index(heading)
+            assert line[start - 1] == " "
+            assert line[start] != " "
     long = Entry(0, 0, letter()).letter
     assert long is not None
     long.detail = "x\n" * 100
