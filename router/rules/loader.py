@@ -137,6 +137,27 @@ def _schema_problems(data: Any, exc: msgspec.ValidationError) -> list[tuple[str,
     return [_locate(data, exc)]
 
 
+# What the usual YAML slips look like once decoded, and what to write instead.
+_HINTS: tuple[tuple[str, str, str], ...] = (
+    (".in", "got str", "write a list: [a, b]"),
+    (".not_in", "got str", "write a list: [a, b]"),
+    (".keep", "got str", "write a list: [a, b]"),
+    (".drop", "got str", "write a list: [a, b]"),
+    (".when", "got array", "several conditions go under all: (every one) or any: (one of them)"),
+    (".template", "got object", 'quote the template: "{...}" unquoted is a YAML mapping'),
+    (".pendo", "got str", "paste the payload itself (JSON is YAML); a file name is not read"),
+    (".event", "got str", "write the event as a mapping: {type: ..., visitor_id: ...}"),
+    ("", "(a key)", 'quote the key ("7", "yes"): unquoted, YAML reads a number or a boolean'),
+)
+
+
+def _hint(message: str, where: str) -> str:
+    for suffix, seen, hint in _HINTS:
+        if seen in message and (where.endswith(suffix) if suffix else True):
+            return f"{message}; {hint}"
+    return message
+
+
 class _Read(NamedTuple):
     """One YAML file read once: its bytes (for the rule set's hash), the data and the node tree."""
 
@@ -186,7 +207,7 @@ def load_rules(path: Path) -> LoadedRules:
         rule_file = msgspec.convert(data, RuleFile)
     except msgspec.ValidationError as exc:
         for message, where in _schema_problems(data, exc):
-            problems.append(FileProblem(label, line_of(root, where), where, message))
+            problems.append(FileProblem(label, line_of(root, where), where, _hint(message, where)))
         return loaded
     loaded.rule_file = rule_file
     for index, rule in enumerate(data["rules"]):

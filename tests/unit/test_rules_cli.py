@@ -492,3 +492,36 @@ def test_a_test_file_given_alone_runs_with_its_rule_file(tmp_path: Path) -> None
     code, lines = check(more)
     assert code == 0
     assert lines[0].startswith(f"ok {tmp_path / 'rules/slack.yaml'}")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "hint"),
+    [
+        ("{path: properties.score, lte: 6}", "{path: type, in: nps.response}", "write a list"),
+        (
+            "    when: {path: properties.score, lte: 6}\n",
+            "    when:\n      - {path: properties.score, lte: 6}\n",
+            "several conditions go under all:",
+        ),
+        (
+            '{template: "Detractor {visitor_id}: {properties.comment}"}',
+            "{template: {visitor_id}}",
+            "quote the template",
+        ),
+        (
+            'channel: {const: "#product-insights"}',
+            "channel: {path: name, case: {7: x}}",
+            "quote the key",
+        ),
+        (
+            "    event: {type: nps.response, visitor_id: v1, properties: {score: 2, comment: slow}}",
+            "    pendo: fixtures/pendo/track/single.json",
+            "a file name is not read",
+        ),
+    ],
+)
+def test_usual_yaml_slips_get_a_hint(tmp_path: Path, before: str, after: str, hint: str) -> None:
+    assert before in GOOD
+    code, lines = check(write(tmp_path, "slack.yaml", GOOD.replace(before, after)))
+    assert code == 1
+    assert any(hint in line for line in lines), lines
