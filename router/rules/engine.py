@@ -783,6 +783,19 @@ def compile_directive(
         get = compile_template(directive.template, f"{where}.template", problems, deny)
     elif source == "fields":
         assert directive.fields is not None
+        # A built map is never missing ({} at worst), so these would be silently ignored.
+        for name, unused in (
+            ("default", directive.default is not UNSET),
+            ("required", directive.required),
+        ):
+            if unused:
+                problems.append(
+                    Problem(
+                        f"{where}.{name}",
+                        f"{name} never applies to fields (a map built by fields is never "
+                        "missing); put it on the entries inside fields",
+                    )
+                )
         get = compile_object(directive.fields, f"{where}.fields", field, problems, deny)
     else:
         assert directive.items is not None

@@ -525,3 +525,17 @@ def test_usual_yaml_slips_get_a_hint(tmp_path: Path, before: str, after: str, hi
     code, lines = check(write(tmp_path, "slack.yaml", GOOD.replace(before, after)))
     assert code == 1
     assert any(hint in line for line in lines), lines
+
+
+@pytest.mark.parametrize("extra", ["required: true", "default: {}"])
+def test_default_or_required_on_a_fields_map_is_refused(tmp_path: Path, extra: str) -> None:
+    text = GOOD.replace(
+        'channel: {const: "#product-insights"}',
+        f"metadata: {{fields: {{a: {{path: name}}}}, {extra}}}",
+    )
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    name = extra.split(":")[0]
+    assert any(f"map.metadata.{name}: {name} never applies to fields" in line for line in lines), (
+        lines
+    )
