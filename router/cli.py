@@ -58,31 +58,42 @@ class _KafkaClientNoise(logging.Filter):
     def __init__(self, interval_s: float = 30.0) -> None:
         super().__init__()
         self._interval_s = interval_s
-        self._last: dict[tuple[object, ...], float] = {}
+        self._last: dict[tuple[str, ...], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # A filter runs inside the library's own logging call: if it raised, the error would
+        # surface in aiokafka's retry loop and could end it. So it never raises.
+        try:
+            return self._keep(record)
+        except Exception:
+            return True
+
+    def _keep(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("aiokafka"):
             return True
         if record.msg == "Group Coordinator Request failed: %s":
             return "GroupCoordinatorNotAvailable" not in record.getMessage()
-        if record.msg in _RECONNECTS:
+        address_args = _RECONNECTS.get(str(record.msg))
+        if address_args is not None:
             args = record.args if isinstance(record.args, tuple) else ()
-            key = (record.msg, *args[:2])
+            # The address only (as text: aiokafka passes lists of node ids too), not the error.
+            key = (str(record.msg), *(str(arg) for arg in args[:address_args]))
             now = record.created
             if now - self._last.get(key, float("-inf")) < self._interval_s:
                 return False
+            if len(self._last) >= 1_000:  # bounded, whatever the addresses
+                self._last.clear()
             self._last[key] = now
         return True
 
 
-# aiokafka's log templates for a connection it retries (client.py).
-_RECONNECTS = frozenset(
-    {
-        'Unable connect to "%s:%s": %s',
-        "Unable connect to node with id %s: %s",
-        "Unable to update metadata from %s",
-    }
-)
+# aiokafka's log templates for a connection it retries (client.py), and how many of their
+# arguments name the address.
+_RECONNECTS: dict[str, int] = {
+    'Unable connect to "%s:%s": %s': 2,
+    "Unable connect to node with id %s: %s": 1,
+    "Unable to update metadata from %s": 1,
+}
 
 
 async def _serve(settings: Settings) -> int:

@@ -39,3 +39,32 @@ def test_other_records_pass() -> None:
     noise = _KafkaClientNoise()
     assert noise.filter(record("router.bus", "kafka not ready (attempt %d)", (1,), 0))
     assert noise.filter(record("aiokafka", "Heartbeat failed: %r", ("x",), 0))
+
+
+def test_metadata_errors_with_a_list_of_nodes_never_raise_into_aiokafka() -> None:
+    # aiokafka logs "Unable to update metadata from %s" with a list: a filter that hashed its
+    # arguments raised TypeError inside aiokafka's metadata loop, which then never reconnected.
+    noise = _KafkaClientNoise(interval_s=30)
+    template = "Unable to update metadata from %s"
+    assert noise.filter(record("aiokafka.client", template, ([1, 2],), 0))
+    assert not noise.filter(record("aiokafka.client", template, ([1, 2],), 1))
+    assert noise.filter(record("aiokafka.client", template, ([3],), 1))
+
+
+def test_reconnects_to_one_node_are_throttled_whatever_the_error() -> None:
+    noise = _KafkaClientNoise(interval_s=30)
+    template = "Unable connect to node with id %s: %s"
+    shown = [
+        noise.filter(record("aiokafka", template, (1, ConnectionRefusedError(111, "refused")), at))
+        for at in (0, 1, 2, 31)
+    ]
+    assert shown == [True, False, False, True]
+
+
+def test_a_record_the_filter_cannot_read_passes() -> None:
+    noise = _KafkaClientNoise()
+    odd = record("aiokafka.client", 'Unable connect to "%s:%s": %s', ("h", 1, "e"), 0)
+    odd.args = {"not": "a tuple"}  # type: ignore[assignment]
+    assert noise.filter(odd)
+    broken = record("aiokafka.consumer", "Group Coordinator Request failed: %s", (), 0)
+    assert noise.filter(broken)  # getMessage() raises TypeError (too few args): still kept
