@@ -1054,6 +1054,19 @@ def compile_file(
         compiled.append(compile_rule(rule, where, outputs, deny, problems))
     if not rule_file.rules:
         problems.append(Problem("$.rules", "a rule file needs at least one rule"))
+    if rule_file.mode == "first_match":
+        for index, rule in enumerate(rule_file.rules[:-1]):
+            if rule.when is None:
+                # It matches every event, so under first_match no later rule ever runs.
+                problems.append(
+                    Problem(
+                        f"$.rules[{index}]",
+                        f"rule {rule.id!r} has no when, so under first_match the "
+                        f"{len(rule_file.rules) - index - 1} rule(s) after it never run; "
+                        "move it last (a catch-all) or give it a condition",
+                    )
+                )
+                break
     return RuleSet(outputs.sink, rule_file.mode, compiled, content_hash(parts)), problems
 
 

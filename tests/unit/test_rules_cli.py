@@ -539,3 +539,26 @@ def test_default_or_required_on_a_fields_map_is_refused(tmp_path: Path, extra: s
     assert any(f"map.metadata.{name}: {name} never applies to fields" in line for line in lines), (
         lines
     )
+
+
+def test_a_catch_all_before_other_rules_under_first_match_is_refused(tmp_path: Path) -> None:
+    text = """\
+sink: slack
+mode: first_match
+rules:
+  - id: everything
+    map: {text: {const: any event}}
+  - id: detractors
+    when: {path: properties.score, lte: 6}
+    map: {text: {const: detractor}}
+"""
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert lines == [
+        f"{tmp_path / 'rules/slack.yaml'}:4: $.rules[0]: rule 'everything' has no when, so under "
+        "first_match the 1 rule(s) after it never run; move it last (a catch-all) or give it a "
+        "condition"
+    ]
+    last = text.replace("  - id: everything\n    map: {text: {const: any event}}\n", "")
+    last += "  - id: everything\n    map: {text: {const: any event}}\n"
+    assert check(write(tmp_path, "slack.yaml", last + "tests: []\n"))[0] == 0
