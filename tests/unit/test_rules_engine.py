@@ -261,6 +261,7 @@ rules:
     map:
       text: {{template: 'Detractor {{visitor_id}}'}}
   - id: broken
+    when: {{path: type, eq: nps.response}}
     map:
       text: {{path: properties.absent, required: true}}
   - id: everything
