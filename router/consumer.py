@@ -704,18 +704,7 @@ class SinkConsumer:
     ) -> None:
         if isinstance(outcome, Delivered):
             self._delivered(items)
-            if self.state == PAUSED:
-                log.info("sink %s resumed: the destination accepts requests again", self.sink.name)
-            if self._scheduled and self._failed_since_success >= _RECOVERY_FAILURES:
-                # The destination answers again after an outage: what waits on a backoff or a
-                # pause probe may go now (the concurrency and rate limits pace it), not after
-                # its own backoff. A single failure between successes is not an outage but a
-                # request the destination refuses (a poison event): it keeps its backoff, or it
-                # would be re-sent after every success until its retries run out.
-                self._release_scheduled()
-            self._failed_since_success = 0
-            if self.state != HEALTHY and not self._scheduled:
-                self._set_state(HEALTHY)
+            self._accepted()
             return
         if isinstance(outcome, Partial):
             outcome = self._checked(outcome, len(items))
@@ -723,7 +712,14 @@ class SinkConsumer:
             retry = [items[i] for i in outcome.retry]
             held = [items[i] for i in outcome.hold]
             settled = set(rejected) | set(retry) | set(held)
-            self._delivered([i for i in items if i not in settled])
+            delivered = [i for i in items if i not in settled]
+            self._delivered(delivered)
+            if status is not None and (delivered or rejected):
+                # The destination took the request and judged its events one by one (Mixpanel's
+                # failed_records, Amplitude's per-event 400s): it accepts our requests again.
+                # A paused sink that never saw this as a success never resumed, and fetched
+                # nothing more.
+                self._accepted()
             for item, reason in rejected.items():
                 await self._dead_items([item], dlq.REJECTED_BY_API, reason, status, body)
             if retry:
@@ -755,6 +751,21 @@ class SinkConsumer:
             return
         assert isinstance(outcome, Reject)
         await self._dead_items(items, dlq.REJECTED_BY_API, outcome.reason, status, body)
+
+    def _accepted(self) -> None:
+        """A request the destination accepted: resume, and after an outage release the rest."""
+        if self.state == PAUSED:
+            log.info("sink %s resumed: the destination accepts requests again", self.sink.name)
+        if self._scheduled and self._failed_since_success >= _RECOVERY_FAILURES:
+            # The destination answers again after an outage: what waits on a backoff or a
+            # pause probe may go now (the concurrency and rate limits pace it), not after
+            # its own backoff. A single failure between successes is not an outage but a
+            # request the destination refuses (a poison event): it keeps its backoff, or it
+            # would be re-sent after every success until its retries run out.
+            self._release_scheduled()
+        self._failed_since_success = 0
+        if self.state != HEALTHY and not self._scheduled:
+            self._set_state(HEALTHY)
 
     def _checked(self, outcome: Partial, count: int) -> Partial:
         """The Partial with each of ``count`` items named at most once, and only real indexes.

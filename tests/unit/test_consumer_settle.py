@@ -15,9 +15,17 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from router import dlq
-from router.consumer import Item, SinkConsumer, _Ticket
+from router.consumer import HEALTHY, PAUSED, Item, SinkConsumer, _Ticket
 from router.delivery.offsets import PartitionOffsets
-from router.delivery.sink import Delivered, HttpRequest, Outcome, Partial, Retry, SinkLimits
+from router.delivery.sink import (
+    Delivered,
+    HttpRequest,
+    Outcome,
+    Partial,
+    Pause,
+    Retry,
+    SinkLimits,
+)
 from router.settings import Settings
 from router.sink_metrics import SinkMetrics
 
@@ -221,3 +229,28 @@ async def test_readyz_says_when_kafka_does_not_answer(aiohttp_client: Any) -> No
     response = await client.get("/readyz")
     assert response.status == 200
     assert (await response.json())["kafka"] == "ok"
+
+
+async def test_a_paused_sink_resumes_when_its_probe_comes_back_partly_accepted() -> None:
+    # Mixpanel's 400 with failed_records imports the other rows: the credentials work again.
+    # Counted as no success, the sink stayed paused for good (and a paused sink fetches nothing).
+    made, dead = consumer()
+    offsets = PartitionOffsets()
+    probe = take(made, offsets, 1, ["a"]) + take(made, offsets, 2, ["a"])
+    await made._settle(Pause("HTTP 401"), probe, 401, b"")
+    assert made.state == PAUSED
+    await made._settle(Partial(rejected={1: "time is in the future"}), scheduled(made), 400, b"")
+    assert made.state == HEALTHY
+    assert dead == [("a", dlq.REJECTED_BY_API)]
+    assert offsets.committable() == 3
+
+
+async def test_a_partial_without_an_answer_is_no_sign_of_recovery() -> None:
+    # A preflight hold (no request sent, status None) says nothing about the destination.
+    made, _ = consumer()
+    offsets = PartitionOffsets()
+    probe = take(made, offsets, 1, ["a"]) + take(made, offsets, 2, ["a"])
+    await made._settle(Pause("HTTP 401"), probe, 401, b"")
+    await made._settle(Partial(retry=(0, 1), reason="quota"), scheduled(made), None, b"")
+    assert made.state != HEALTHY
+    assert made._failed_since_success == 1  # not reset, as a real answer would
