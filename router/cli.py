@@ -87,12 +87,15 @@ class _KafkaClientNoise(logging.Filter):
         return True
 
 
-# aiokafka's log templates for a connection it retries (client.py), and how many of their
-# arguments name the address.
+# aiokafka's log templates for a connection it retries (client.py, consumer/fetcher.py), and how
+# many of their arguments name the address.
 _RECONNECTS: dict[str, int] = {
     'Unable connect to "%s:%s": %s': 2,
     "Unable connect to node with id %s: %s": 1,
     "Unable to update metadata from %s": 1,
+    # consumer/fetcher.py: ~10 a second per broker during an outage
+    "Failed fetch messages from %s: %s": 1,
+    "Failed fetch offsets from %s: %s": 1,
 }
 
 

@@ -68,3 +68,13 @@ def test_a_record_the_filter_cannot_read_passes() -> None:
     assert noise.filter(odd)
     broken = record("aiokafka.consumer", "Group Coordinator Request failed: %s", (), 0)
     assert noise.filter(broken)  # getMessage() raises TypeError (too few args): still kept
+
+
+def test_fetch_failures_during_an_outage_are_throttled() -> None:
+    noise = _KafkaClientNoise(interval_s=30)
+    template = "Failed fetch messages from %s: %s"
+    shown = [
+        noise.filter(record("aiokafka.consumer.fetcher", template, (1, "NodeNotReadyError"), at))
+        for at in (0.0, 0.1, 0.2, 30.5)
+    ]
+    assert shown == [True, False, False, True]
