@@ -70,6 +70,8 @@ from router.sink_metrics import SinkMetrics
 log = logging.getLogger(__name__)
 
 HEALTHY, DEGRADED, PAUSED = "healthy", "degraded", "paused"
+# How often the lag of paused partitions is asked of the broker (it has no fetches to go by).
+_END_OFFSETS_EVERY_S = 5.0
 NULL = msgspec.Raw(b"null")  # a dead letter's event when it had to be left out
 # At max_inflight_events: wait this long for deliveries to free room, and pause the partitions
 # only once the cap has held for _PAUSE_AFTER_FULL_S (aiokafka drops what it prefetched for a
@@ -202,6 +204,7 @@ class SinkConsumer:
         self._full_since: float | None = None
         self._failed_since_success = 0
         self._kafka_checked: tuple[float, str] = (0.0, "not started")
+        self._ends_checked = 0.0
         self._log_throttle = _LogThrottle()
         self._producer_lock = asyncio.Lock()
         self.health = "not run"
@@ -1059,9 +1062,19 @@ class SinkConsumer:
 
     async def _update_lag(self) -> None:
         consumer = self._consumer
+        # The highwater mark comes with fetches, and paused partitions fetch nothing: ask the
+        # broker for their end offsets instead (bounded, every few seconds), or a paused sink
+        # would report no lag while events pile up.
+        ends: dict[TopicPartition, int] = {}
+        paused = [tp for tp in consumer.paused() if tp in self._offsets]
+        now = time.monotonic()
+        if paused and now - self._ends_checked >= _END_OFFSETS_EVERY_S:
+            self._ends_checked = now
+            with contextlib.suppress(Exception):
+                ends = await asyncio.wait_for(consumer.end_offsets(paused), timeout=2.0)
         for tp in list(self._offsets):
-            high = consumer.highwater(tp)
-            if high is None:
+            high = max(consumer.highwater(tp) or -1, ends.get(tp, -1))
+            if high < 0:
                 continue  # nothing fetched yet: no lag to tell
             with contextlib.suppress(Exception):
                 # position() waits until the position is known, without a bound; this runs in

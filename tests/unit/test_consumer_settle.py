@@ -254,3 +254,31 @@ async def test_a_partial_without_an_answer_is_no_sign_of_recovery() -> None:
     await made._settle(Partial(retry=(0, 1), reason="quota"), scheduled(made), None, b"")
     assert made.state != HEALTHY
     assert made._failed_since_success == 1  # not reset, as a real answer would
+
+
+async def test_lag_of_paused_partitions_comes_from_the_broker() -> None:
+    # Paused partitions fetch nothing, so their highwater mark stood still and the lag read 0
+    # while events piled up behind a paused sink.
+    made, _ = consumer()
+    paused_tp, live_tp = TopicPartition("events", 0), TopicPartition("events", 1)
+    made._offsets = {paused_tp: PartitionOffsets(), live_tp: PartitionOffsets()}
+
+    class _Kafka:
+        def paused(self) -> set[TopicPartition]:
+            return {paused_tp}
+
+        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            assert tps == [paused_tp]
+            return {paused_tp: 368}
+
+        def highwater(self, tp: TopicPartition) -> int | None:
+            return {paused_tp: 356, live_tp: 40}[tp]
+
+        async def position(self, tp: TopicPartition) -> int:
+            return {paused_tp: 356, live_tp: 38}[tp]
+
+    made._consumer = _Kafka()
+    await made._update_lag()
+    lag = made.metrics.lag
+    assert lag.labels("0", "events")._value.get() == 12
+    assert lag.labels("1", "events")._value.get() == 2
