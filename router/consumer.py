@@ -916,6 +916,11 @@ class SinkConsumer:
         **fields: Any,
     ) -> None:
         """A dead letter for a decoded event (a rule's failure, an output the sink refused)."""
+        rule_id = fields.get("rule_id")
+        if rule_id is not None and fields.get("idempotency_key") is None:
+            # The key the output would have carried, so a replay after a fix is recognisable
+            # as the same delivery (a mapping error has no output to take it from).
+            fields["idempotency_key"] = idempotency_key(event.id, self.sink.name, rule_id)
         await self._dead_letter(
             reason, detail, ticket=ticket, tp=tp, value=value, key=event.id.encode(),
             event_id=event.id, ruleset=ruleset, **fields,

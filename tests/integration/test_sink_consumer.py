@@ -23,6 +23,7 @@ import sinks
 from router import dlq
 from router.bus import KafkaBus, TopicSpec, ensure_topics
 from router.consumer import SinkConsumer
+from router.delivery.sink import idempotency_key
 from router.dlq import Redactor
 from router.events import Event, to_record
 from router.rules.engine import RuleSet
@@ -287,6 +288,8 @@ async def test_delivers_filters_and_dead_letters_every_reason(
     assert bug.detail.startswith("the rules could not be evaluated: KeyError(")
     mapping = next(x for x in letters if x.event_id == broken[0].id)
     assert mapping.rule_id == "broken"
+    # the key its output would have carried, for a replay after the rule is fixed
+    assert mapping.idempotency_key == idempotency_key(broken[0].id, "fake", "broken")
     assert mapping.detail == "name: required value missing (path properties.absent)"
     assert mapping.ruleset == running.consumer.rules.current.hash
     assert msgspec.json.decode(bytes(mapping.event))["id"] == broken[0].id  # type: ignore[arg-type]
