@@ -107,6 +107,21 @@ class _LogThrottle:
         suffix = f" (+{held} similar in the last {now - last:.0f}s)" if held and last else ""
         return True, suffix
 
+    def overdue(self, final: bool = False) -> list[tuple[str, int, float]]:
+        """Held-back lines that no later line has counted yet: (kind, lines, seconds).
+
+        A kind is due once its interval is over (every kind when ``final``, at shutdown).
+        Counted here, its lines are not counted again by the next line of the kind.
+        """
+        now = time.monotonic()
+        due = []
+        for kind, held in list(self._held.items()):
+            since = now - self._last.get(kind, now)
+            if final or since >= self.interval_s:
+                due.append((kind, held, since))
+                del self._held[kind]
+        return due
+
 
 @dataclass(eq=False, slots=True)
 class _Ticket:
@@ -334,6 +349,7 @@ class SinkConsumer:
                 log.warning("dead-letter producer stop incomplete: %r", exc)
         if self._session is not None:
             await self._session.close()
+        self._log_held_lines(final=True)
         pending = sum(o.pending for o in self._offsets.values())
         again = sum(o.uncommitted for o in self._offsets.values())
         log.info(
@@ -1034,9 +1050,21 @@ class SinkConsumer:
 
     # ---- commits and rebalances ----------------------------------------------------------
 
+    def _log_held_lines(self, final: bool = False) -> None:
+        """The count of log lines the throttle held back, once no later line will carry it."""
+        for kind, lines, since in self._log_throttle.overdue(final):
+            log.warning(
+                "sink %s: %d more %s line(s) in the last %.0fs (not logged one by one)",
+                self.sink.name,
+                lines,
+                kind.replace("_", " ").replace(":", " "),
+                since,
+            )
+
     async def _commit_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(self.cfg.commit_interval_s)
+            self._log_held_lines()
             try:
                 await self._commit(self._offsets)
                 await self._update_lag()

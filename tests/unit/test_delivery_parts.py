@@ -239,6 +239,33 @@ def test_log_throttle_samples_one_line_per_interval_and_counts_the_rest(
     assert throttle.allow("retry") == (True, "")  # nothing held back since
 
 
+def test_held_back_lines_are_counted_even_when_no_later_line_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 317 retries_exhausted letters logged one line and never the other 316.
+    from router import consumer
+
+    clock = [100.0]
+    monkeypatch.setattr(consumer.time, "monotonic", lambda: clock[0])
+    throttle = consumer._LogThrottle(interval_s=10.0)
+    assert throttle.allow("dead_letter:retries_exhausted")[0]
+    for _ in range(316):
+        assert not throttle.allow("dead_letter:retries_exhausted")[0]
+    assert throttle.allow("retry")[0]
+    assert not throttle.allow("retry")[0]
+    clock[0] = 105.0
+    assert throttle.overdue() == []  # the interval is not over: a next line may still count them
+    clock[0] = 111.0
+    assert throttle.overdue() == [
+        ("dead_letter:retries_exhausted", 316, 11.0),
+        ("retry", 1, 11.0),
+    ]
+    assert throttle.overdue() == []  # counted once
+    assert throttle.allow("retry") == (True, "")  # and not again by the next line
+    assert not throttle.allow("retry")[0]
+    assert throttle.overdue(final=True) == [("retry", 1, 0.0)]  # at shutdown: whatever is held
+
+
 # ---- operator tuning (sinks.<name>.delivery) -------------------------------------------------
 
 
