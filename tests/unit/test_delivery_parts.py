@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.consumer import _LogThrottle
 from router.delivery.batching import Batcher
 from router.delivery.offsets import PartitionOffsets
 from router.delivery.ratelimit import RateLimiter, TokenBucket
@@ -220,14 +221,18 @@ def test_never_commits_past_an_unfinished_event(order: list[int], done: int) -> 
     assert position == (min(unfinished) if unfinished else 30)
 
 
-def test_log_throttle_samples_one_line_per_interval_and_counts_the_rest(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The consumer's monotonic clock, set by the test (clock[0] = seconds)."""
     from router import consumer
 
-    clock = [100.0]
-    monkeypatch.setattr(consumer.time, "monotonic", lambda: clock[0])
-    throttle = consumer._LogThrottle(interval_s=10.0)
+    now = [100.0]
+    monkeypatch.setattr(consumer.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_log_throttle_samples_one_line_per_interval_and_counts_the_rest(clock: list[float]) -> None:
+    throttle = _LogThrottle(interval_s=10.0)
     assert throttle.allow("retry") == (True, "")
     assert throttle.allow("retry") == (False, "")
     assert throttle.allow("dead_letter:too_large") == (True, "")  # kinds are independent
@@ -239,15 +244,9 @@ def test_log_throttle_samples_one_line_per_interval_and_counts_the_rest(
     assert throttle.allow("retry") == (True, "")  # nothing held back since
 
 
-def test_held_back_lines_are_counted_even_when_no_later_line_comes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_held_back_lines_are_counted_even_when_no_later_line_comes(clock: list[float]) -> None:
     # 317 retries_exhausted letters logged one line and never the other 316.
-    from router import consumer
-
-    clock = [100.0]
-    monkeypatch.setattr(consumer.time, "monotonic", lambda: clock[0])
-    throttle = consumer._LogThrottle(interval_s=10.0)
+    throttle = _LogThrottle(interval_s=10.0)
     assert throttle.allow("dead_letter:retries_exhausted")[0]
     for _ in range(316):
         assert not throttle.allow("dead_letter:retries_exhausted")[0]
