@@ -9,7 +9,9 @@ from typing import TextIO
 
 import msgspec
 
+import sinks
 from router.rules import testing
+from router.rules.engine import TRANSFORM_NAMES
 from router.rules.loader import LoadedRules, load_rules, rule_paths, stray_files
 from router.rules.model import RuleFile, TestFile
 
@@ -95,6 +97,21 @@ def schema() -> bytes:
     (rule_file, test_file), components = msgspec.json.schema_components(
         [RuleFile, TestFile], ref_template="#/$defs/{name}"
     )
+    # The model takes any text for these (check names the valid ones); editors can do better
+    # with the closed sets: the transforms, and the built-in sinks' output kinds.
+    components["Directive"]["properties"]["transform"]["items"] = {
+        "anyOf": [
+            {"enum": [name for name in TRANSFORM_NAMES if name != "truncate"]},
+            {
+                "type": "object",
+                "properties": {"truncate": {"type": "integer", "minimum": 1}},
+                "required": ["truncate"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+    kinds = sorted({kind for outputs in sinks.OUTPUTS.values() for kind in outputs.kinds})
+    components["Rule"]["properties"]["output"]["anyOf"] = [{"enum": kinds}, {"type": "null"}]
     document = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "pendo-event-router rule file",

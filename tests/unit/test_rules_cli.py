@@ -562,3 +562,16 @@ rules:
     last = text.replace("  - id: everything\n    map: {text: {const: any event}}\n", "")
     last += "  - id: everything\n    map: {text: {const: any event}}\n"
     assert check(write(tmp_path, "slack.yaml", last + "tests: []\n"))[0] == 0
+
+
+def test_schema_gives_editors_the_transforms_and_output_kinds() -> None:
+    import json
+
+    import sinks
+    from router.rules.engine import TRANSFORM_NAMES
+
+    defs = json.loads(schema())["$defs"]
+    simple, with_argument = defs["Directive"]["properties"]["transform"]["items"]["anyOf"]
+    assert {*simple["enum"], *with_argument["properties"]} == set(TRANSFORM_NAMES)
+    output = defs["Rule"]["properties"]["output"]["anyOf"][0]["enum"]
+    assert set(output) == {kind for o in sinks.OUTPUTS.values() for kind in o.kinds}
