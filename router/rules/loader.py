@@ -177,7 +177,48 @@ def _read_yaml(path: Path, label: str, problems: list[FileProblem]) -> _Read:
     problems.extend(FileProblem(label, p.line, p.path, p.message) for p in document.problems)
     if document.root is None and document.problems:
         return _Read(raw, None, None)
+    problems.extend(_yaml11_booleans(label, document.root))
     return _Read(raw, document.data, document.root)
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def _yaml11_booleans(label: str, root: yaml.Node | None) -> list[FileProblem]:
+    """Unquoted yes / no / on / off: YAML 1.1 reads them as booleans, editors (YAML 1.2) as text.
+
+    `eq: yes` would never match a property holding the text "yes"; true and false are fine.
+    """
+    found: list[FileProblem] = []
+    stack: list[tuple[yaml.Node, str]] = [(root, "$")] if root is not None else []
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:  # aliases share nodes
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.append((value, f"{path}.{key.value}"))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        elif (
+            isinstance(node, yaml.ScalarNode)
+            and node.tag == _BOOL_TAG
+            and node.style is None
+            and node.value.lower() not in ("true", "false")
+        ):
+            found.append(
+                FileProblem(
+                    label,
+                    node.start_mark.line + 1,
+                    path,
+                    f"{node.value} is read as the boolean "
+                    f"{str(node.value.lower() in ('yes', 'on', 'y')).lower()}; write "
+                    f"'{node.value}' (quoted) for the text, or true/false for a boolean",
+                )
+            )
+    return sorted(found, key=lambda p: p.line or 0)
 
 
 def _label(path: Path) -> str:

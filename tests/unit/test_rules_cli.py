@@ -575,3 +575,15 @@ def test_schema_gives_editors_the_transforms_and_output_kinds() -> None:
     assert {*simple["enum"], *with_argument["properties"]} == set(TRANSFORM_NAMES)
     output = defs["Rule"]["properties"]["output"]["anyOf"][0]["enum"]
     assert set(output) == {kind for o in sinks.OUTPUTS.values() for kind in o.kinds}
+
+
+def test_yaml_1_1_booleans_are_refused_with_the_quoting_hint(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "{path: properties.score, lte: 6}", "{path: properties.answer, in: [yes, 'no', true]}"
+    )
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert lines == [
+        f"{tmp_path / 'rules/slack.yaml'}:4: $.rules[0].when.in[0]: yes is read as the boolean "
+        "true; write 'yes' (quoted) for the text, or true/false for a boolean"
+    ]
