@@ -607,16 +607,8 @@ class SinkConsumer:
             # Only a check was sent: items it rejects are dead-lettered, items it asks to retry
             # or hold wait, and the rest go out for real (none counts as delivered here).
             outcome = self._checked(outcome, len(items))
-            for index, reason in outcome.rejected.items():
-                await self._dead_items([items[index]], dlq.REJECTED_BY_API, reason, status, body)
-            if outcome.retry:
-                retry = Retry(outcome.reason or "partial", outcome.after_s)
-                await self._retry([items[i] for i in outcome.retry], retry, status, body)
-            if outcome.hold:
-                held = [items[i] for i in outcome.hold]
-                self._hold(held, outcome.hold_s or self.cfg.retry_cap_s, outcome.reason)
-            waiting = set(outcome.rejected) | set(outcome.retry) | set(outcome.hold)
-            return [item for n, item in enumerate(items) if n not in waiting]
+            await self._set_aside(outcome, items, status, body)
+            return _unnamed(outcome, items)
         await self._settle(outcome, items, status, body)
         return []
 
@@ -727,26 +719,16 @@ class SinkConsumer:
             return
         if isinstance(outcome, Partial):
             outcome = self._checked(outcome, len(items))
-            rejected = {items[i]: reason for i, reason in outcome.rejected.items()}
-            retry = [items[i] for i in outcome.retry]
-            held = [items[i] for i in outcome.hold]
-            settled = set(rejected) | set(retry) | set(held)
-            delivered = [i for i in items if i not in settled]
+            delivered = _unnamed(outcome, items)
             self._delivered(delivered)
-            if status is not None and (delivered or rejected):
+            if status is not None and (delivered or outcome.rejected):
                 # The destination took the request and judged its events one by one (Mixpanel's
                 # failed_records, Amplitude's per-event 400s): it accepts our requests again.
                 # A paused sink that never saw this as a success never resumed, and fetched
-                # nothing more.
+                # nothing more. (Before the retries below are scheduled: those are not the
+                # outage's, and must not be released by it.)
                 self._accepted()
-            for item, reason in rejected.items():
-                await self._dead_items([item], dlq.REJECTED_BY_API, reason, status, body)
-            if retry:
-                await self._retry(
-                    retry, Retry(outcome.reason or "partial", outcome.after_s), status, body
-                )
-            if held:
-                self._hold(held, outcome.hold_s or self.cfg.retry_cap_s, outcome.reason)
+            await self._set_aside(outcome, items, status, body)
             return
         if isinstance(outcome, Retry):
             self._failed_since_success += 1
@@ -785,6 +767,19 @@ class SinkConsumer:
         self._failed_since_success = 0
         if self.state != HEALTHY and not self._scheduled:
             self._set_state(HEALTHY)
+
+    async def _set_aside(
+        self, outcome: Partial, items: list[Item], status: int | None, body: bytes
+    ) -> None:
+        """A checked Partial's named items: dead letters, retries and holds."""
+        for index, reason in outcome.rejected.items():
+            await self._dead_items([items[index]], dlq.REJECTED_BY_API, reason, status, body)
+        if outcome.retry:
+            retry = Retry(outcome.reason or "partial", outcome.after_s)
+            await self._retry([items[i] for i in outcome.retry], retry, status, body)
+        if outcome.hold:
+            held = [items[i] for i in outcome.hold]
+            self._hold(held, outcome.hold_s or self.cfg.retry_cap_s, outcome.reason)
 
     def _checked(self, outcome: Partial, count: int) -> Partial:
         """The Partial with each of ``count`` items named at most once, and only real indexes.
@@ -1156,3 +1151,9 @@ class SinkConsumer:
 
 def _names(tps: Sequence[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "nothing"
+
+
+def _unnamed(outcome: Partial, items: list[Item]) -> list[Item]:
+    """The items a (checked) Partial does not name: accepted as they are."""
+    named = set(outcome.rejected) | set(outcome.retry) | set(outcome.hold)
+    return [item for index, item in enumerate(items) if index not in named]
