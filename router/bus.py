@@ -198,6 +198,20 @@ async def keep_trying(
             raise
 
 
+async def kafka_answers(client: Any, topic: str | None = None) -> str:
+    """Whether Kafka answers a metadata round trip in 2 s (and ``topic`` exists): "ok" or why not.
+
+    For /readyz: ``client`` is an aiokafka client (a producer's ``client``, a consumer's).
+    """
+    try:
+        metadata = await asyncio.wait_for(client.fetch_all_metadata(), timeout=2)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        return f"kafka unreachable: {exc.__class__.__name__}"
+    if topic is not None and topic not in metadata.topics():
+        return f"topic {topic} does not exist"
+    return "ok"
+
+
 async def start_producer(producer: Any) -> None:
     """Start ``producer`` within 15 s; if that fails or is cancelled, close it and re-raise."""
     try:
@@ -454,14 +468,8 @@ class KafkaBus:
         if producer is None:
             ok, reason = False, "kafka producer is not running"
         else:
-            try:
-                metadata = await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=2)
-                if self._topic in metadata.topics():
-                    ok, reason = True, "ok"
-                else:
-                    ok, reason = False, f"topic {self._topic} does not exist"
-            except (TimeoutError, KafkaError, OSError) as exc:
-                ok, reason = False, f"kafka unreachable: {exc.__class__.__name__}"
+            reason = await kafka_answers(producer.client, self._topic)
+            ok = reason == "ok"
         self._ready_cache = (time.monotonic(), ok, reason)
         return ok, reason
 

@@ -38,6 +38,7 @@ from router.bus import (
     TopicSpec,
     ensure_topics,
     event_topic_spec,
+    kafka_answers,
     keep_trying,
     start_producer,
     stop_quietly,
@@ -366,13 +367,7 @@ class SinkConsumer:
         if now - self._kafka_checked[0] < 1.0:
             return self._kafka_checked[1]
         consumer = self._consumer
-        verdict = "not started"
-        if consumer is not None:
-            try:
-                await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout=2)
-                verdict = "ok"
-            except (TimeoutError, KafkaError, OSError) as exc:
-                verdict = f"kafka unreachable: {exc.__class__.__name__}"
+        verdict = "not started" if consumer is None else await kafka_answers(consumer._client)
         self._kafka_checked = (time.monotonic(), verdict)
         return verdict
 
