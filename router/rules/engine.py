@@ -773,6 +773,14 @@ def compile_directive(
         get = compile_path(directive.path, f"{where}.path", problems, True, deny)
 
     elif source == "const":
+        if directive.const is None:  # `const:` with nothing after it sends null
+            problems.append(
+                Problem(
+                    f"{where}.const",
+                    "empty (null): leave the field out instead, or quote the value; an unquoted "
+                    "value starting with # is a YAML comment (write '#product-insights')",
+                )
+            )
         constant = _strip_denied(directive.const, deny) if deny else directive.const
         if isinstance(constant, (dict, list)):
             get = lambda event: _copy_json(constant)  # noqa: E731  (outputs are mutable)
@@ -1093,7 +1101,6 @@ def check_static(
             )
     for name, directive in rule.map.items():
         at = f"{where}.map.{name}"
-        _check_nulls(directive, at, problems)
         spec = kind.fields.get(name)
         if spec is None:
             problems.append(
@@ -1182,22 +1189,6 @@ def _constants(directive: Directive) -> list[Any]:
     if directive.const is not UNSET:
         return [directive.const]
     return []
-
-
-def _check_nulls(directive: Directive, at: str, problems: list[Problem]) -> None:
-    """``const:`` with nothing after it sends null, which no sink field wants."""
-    if directive.const is None:
-        problems.append(
-            Problem(
-                f"{at}.const",
-                "empty (null): leave the field out instead, or quote the value; an unquoted "
-                "value starting with # is a YAML comment (write '#product-insights')",
-            )
-        )
-    for name, inner in (directive.fields or {}).items():
-        _check_nulls(inner, f"{at}.fields.{name}", problems)
-    for i, item in enumerate(directive.items or ()):
-        _check_nulls(item, f"{at}.items[{i}]", problems)
 
 
 def _check_constants(

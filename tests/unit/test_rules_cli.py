@@ -587,3 +587,12 @@ def test_yaml_1_1_booleans_are_refused_with_the_quoting_hint(tmp_path: Path) -> 
         f"{tmp_path / 'rules/slack.yaml'}:4: $.rules[0].when.in[0]: yes is read as the boolean "
         "true; write 'yes' (quoted) for the text, or true/false for a boolean"
     ]
+
+
+def test_an_empty_const_nested_in_fields_is_refused_too(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'channel: {const: "#product-insights"}', "metadata: {fields: {a: {const: null}}}"
+    )
+    code, lines = check(write(tmp_path, "slack.yaml", text))
+    assert code == 1
+    assert any("$.rules[0].map.metadata.fields.a.const: empty (null)" in line for line in lines)
